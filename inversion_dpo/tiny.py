@@ -1,0 +1,136 @@
+"""Tiny Stable Diffusion stand-ins built in code: the offline default of the scripts and the tests' models.
+
+Real checkpoints cannot be downloaded here, so the same loading code (``from_pretrained`` on a folder) is
+exercised on a randomly initialised model with the real architecture, saved like a real one.
+"""
+
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def char_tokenizer(max_length: int = 16):
+    """A CLIP tokenizer with a character-level vocabulary, so that no vocabulary file has to be shipped."""
+    from transformers import CLIPTokenizer
+
+    chars = [chr(i) for i in range(256)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _text_config(tokenizer, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0, block_out_channels: Sequence[int] = (32, 64), sample_size: int = 8):
+    """A ~1 M parameter StableDiffusionPipeline (latents 4 x sample_size^2, images 4x larger: 2 VAE levels)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    unet = UNet2DConditionModel(
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(block_out_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(block_out_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_sd(path: str, seed: int = 0, **kwargs) -> str:
+    tiny_sd_pipeline(seed, **kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _random_image(rng: np.random.Generator, size: int) -> Image.Image:
+    # a coloured blob on white: cheap, varied, and compressible as JPEG
+    canvas = np.full((size, size, 3), 255, np.uint8)
+    color = rng.integers(0, 256, 3)
+    x0, y0 = rng.integers(0, size // 2, 2)
+    w, h = rng.integers(size // 4, size // 2, 2)
+    canvas[y0 : y0 + h, x0 : x0 + w] = color
+    return Image.fromarray(canvas)
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def tiny_pairs(num_rows: int = 8, size: int = 32, seed: int = 0, tie_every: int = 0) -> dict:
+    """Rows in the Pick-a-Pic v2 schema (``jpg_0``, ``jpg_1`` as JPEG bytes, ``label_0``, ``caption``)."""
+    rng = np.random.default_rng(seed)
+    rows = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": []}
+    for i in range(num_rows):
+        rows["jpg_0"].append(jpeg_bytes(_random_image(rng, size)))
+        rows["jpg_1"].append(jpeg_bytes(_random_image(rng, size)))
+        tie = tie_every and i % tie_every == tie_every - 1
+        rows["label_0"].append(0.5 if tie else float(i % 2))
+        rows["caption"].append(f"a picture number {i}")
+    return rows
+
+
+def save_tiny_pairs(path: str, **kwargs) -> str:
+    """Writes ``tiny_pairs`` as one parquet file, as Pick-a-Pic's shards are stored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pq.write_table(pa.table(tiny_pairs(**kwargs)), path)
+    return path
