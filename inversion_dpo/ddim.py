@@ -14,6 +14,7 @@ from typing import Callable, List, NamedTuple, Union
 
 import torch
 
+
 Alpha = Union[float, torch.Tensor]
 
 

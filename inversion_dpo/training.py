@@ -1,0 +1,725 @@
+"""What the SD 1.x and SDXL trainers do the same way: flags, data, LoRA, optimizer, checkpoints, the training loop,
+validation, the model card. A script supplies only what differs between the architectures: how a batch of
+captions and images becomes conditioning, and how a pipeline is built for validation and saving."""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import DataError, PairColumns, PreferencePairs, check_columns, collate_pairs, drop_ties, load_pairs_dataset
+from .ddim import ddim_grid
+from .objectives import INVERSION_TARGETS, LOSS_TYPES, OBJECTIVES, TIMESTEP_WEIGHTINGS, ObjectiveConfig
+
+
+logger = logging.getLogger("inversion_dpo")
+
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Flags
+
+
+def build_parser(description: str, default_resolution: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="Weights variant, e.g. fp16.")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset_name",
+        required=True,
+        help="Hub id, or a local parquet/json/jsonl/csv file, a folder of them, an imagefolder with "
+        "metadata, or a save_to_disk folder, in the Pick-a-Pic schema (see the column flags).",
+    )
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_split_name", default="train")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--image_column_0", default="jpg_0", help="First image: bytes, a path or a decoded image.")
+    g.add_argument("--image_column_1", default="jpg_1", help="Second image.")
+    g.add_argument(
+        "--label_column",
+        default="label_0",
+        help="1 if the first image is preferred, 0 if the second, 0.5 for a tie (dropped and counted).",
+    )
+    g.add_argument("--caption_column", default="caption")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N pairs (after ties).")
+    g.add_argument("--resolution", type=int, default=default_resolution)
+    g.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
+    g.add_argument(
+        "--no_hflip",
+        action="store_true",
+        help="Turn off the random horizontal flip (one flip is shared by both images of a pair).",
+    )
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="inversion_dpo", choices=sorted(OBJECTIVES))
+    g.add_argument(
+        "--loss_type",
+        default="sigmoid",
+        choices=LOSS_TYPES,
+        help="Link applied to -beta_dpo/2 * margin: -log sigmoid, hinge relu(1 - z), or ipo (z - 1/2)^2.",
+    )
+    g.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=5000.0,
+        help="KL strength. Diffusion-DPO's T is folded in and the 1/2 is applied inside: the logit is "
+        "-beta_dpo/2 * margin, as in the diffusers SD1.5 DPO example.",
+    )
+    g.add_argument("--inversion_steps", type=int, default=20, help="N, the DDIM inversion grid of inversion_dpo.")
+    g.add_argument(
+        "--inversion_guidance_scale",
+        type=float,
+        default=1.0,
+        help="Guidance of the reference's inversion (1 = conditional alone; the official code uses 2).",
+    )
+    g.add_argument(
+        "--inversion_target",
+        default="step",
+        choices=INVERSION_TARGETS,
+        help="reference: the paper's figure (zero gradient at initialisation: a LoRA never moves); "
+        "step and x0: this project's extensions (see the README).",
+    )
+    g.add_argument(
+        "--timestep_weighting",
+        default="official",
+        choices=TIMESTEP_WEIGHTINGS,
+        help="Weight of inversion step i: official 1/(2 a_t) or uniform.",
+    )
+    g.add_argument("--inpo_inversion_steps", type=int, default=10, help="The coarse grid of inpo (official 10).")
+    g.add_argument(
+        "--inpo_eta",
+        type=float,
+        default=0.0,
+        help="inpo: fresh noise after each inversion step, times the DDPM posterior std (official 0.1).",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", default="inversion-dpo-lora")
+    g.add_argument("--logging_dir", default="logs", help="Under output_dir; metrics.jsonl is written there.")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--train_batch_size", type=int, default=1, help="Pairs per device per micro-step.")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps, batch size and number of processes.",
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
+    g.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Frozen weights in this dtype; LoRA weights stay fp32. Defaults to accelerate's config.",
+    )
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g = p.add_argument_group("validation")
+    g.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=None,
+        help="Sampled every --validation_steps and at the end with fixed seeds.",
+    )
+    g.add_argument("--validation_steps", type=int, default=200)
+    g.add_argument("--validation_num_inference_steps", type=int, default=25)
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    g = p.add_argument_group("hub")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    return p
+
+
+def check_args(args):
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "inversion_steps",
+        "inpo_inversion_steps",
+        "rank",
+        "resolution",
+        "checkpointing_steps",
+        "validation_steps",
+    ):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    if args.resolution % 8:
+        raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
+    args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    return args
+
+
+def run_cli(main, parse_args):
+    """Runs a script's main; bad input ends in one line naming the problem, not a traceback."""
+    try:
+        main(parse_args())
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_component(cls, model, subfolder, **kwargs):
+    """``cls.from_pretrained`` with a one-line error naming the model when it is neither a folder nor reachable."""
+    try:
+        return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(model) else "Hub id (offline, or no such repository?)"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"could not load '{subfolder}' of model '{model}' as a {where}: {reason}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Accelerator, LoRA, optimizer
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to in ("wandb", "all"):
+        from diffusers.utils import is_wandb_available
+
+        if not is_wandb_available():
+            raise SystemExit("error: --report_to wandb needs wandb: pip install wandb")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
+        # the shuffle follows the seed and the epoch alone, so a resumed run sees the same order
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.logging_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prepare_unet(unet, args, weight_dtype, device):
+    """Freezes the UNet, adds the LoRA adapter ("default") on its attention projections, keeps LoRA in fp32."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.to(device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    unet.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    )
+    if weight_dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --enable_xformers_memory_efficient_attention needs a CUDA GPU")
+        unet.enable_xformers_memory_efficient_attention()
+    return unet
+
+
+def make_optimizer(params, args):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SystemExit("error: --use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. LoRA files and checkpoints
+
+
+def lora_state_dict_of(unet):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def load_lora_into_adapter(unet, pipeline_cls, folder):
+    """Loads a saved LoRA into the unet's existing "default" adapter (not a second one, the diffusers DPO example's
+    resume bug)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state_dict, _ = pipeline_cls.lora_state_dict(folder)
+    unet_state = convert_unet_state_dict_to_peft(
+        {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    )
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA in '{folder}' does not fit this UNet: unexpected keys such as {unexpected[0]}")
+
+
+def register_lora_hooks(accelerator, pipeline_cls):
+    """accelerate's save_state/load_state write and read the adapter as pytorch_lora_weights.safetensors."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                pipeline_cls.save_lora_weights(
+                    output_dir, unet_lora_layers=lora_state_dict_of(accelerator.unwrap_model(model))
+                )
+        while weights:  # nothing else of the frozen model goes into a checkpoint
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            load_lora_into_adapter(accelerator.unwrap_model(models.pop()), pipeline_cls, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(output_dir) -> List[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if CHECKPOINT_RE.match(d)]
+    return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)))
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+    """Writes checkpoint-<step> atomically: into a temporary folder that is renamed when complete, so that a crash
+    mid-write never leaves a broken folder for --resume_from_checkpoint latest to pick. Then rotates."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = os.path.join(output_dir, f".partial-checkpoint-{step}")
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit] if total_limit > 0 else []:
+                shutil.rmtree(os.path.join(output_dir, old))
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume_from_checkpoint, output_dir) -> Optional[str]:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning(f"no checkpoint in {output_dir}: starting a new run")
+            return None
+        return os.path.join(output_dir, found[-1])
+    if not os.path.isdir(resume_from_checkpoint):
+        raise SystemExit(f"error: checkpoint '{resume_from_checkpoint}' does not exist")
+    return resume_from_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Validation, model card, hub
+
+
+def image_grid(images: List[Image.Image], cols: Optional[int] = None) -> Image.Image:
+    cols = cols or len(images)
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def run_validation(pipeline, prompts, args, accelerator, step, tag="validation"):
+    """Samples every prompt with a fixed seed (the same for every validation), logs and saves a grid."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
+        with accelerator.autocast():
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                ).images[0]
+            )
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid = image_grid(images)
+    grid.save(os.path.join(folder, f"{tag}-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
+    return images
+
+
+def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, sample_file=None):
+    dataset_line = f"datasets:\n- {args.dataset_name}\n" if not os.path.exists(args.dataset_name) else ""
+    objective = args.objective
+    settings = f"beta_dpo {args.beta_dpo:g}, loss {args.loss_type}"
+    if objective == "inversion_dpo":
+        settings += (
+            f", {args.inversion_steps} inversion steps, inversion guidance {args.inversion_guidance_scale:g}"
+            f", target {args.inversion_target}, weighting {args.timestep_weighting}"
+        )
+    elif objective == "inpo":
+        settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
+    sample = f"\n![validation samples](./{sample_file})\n" if sample_file else ""
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+pipeline_tag: text-to-image
+{dataset_line}tags:
+- diffusers
+- lora
+- text-to-image
+- inversion-dpo
+- {architecture}
+---
+
+# Inversion-DPO LoRA for {args.pretrained_model_name_or_path}
+
+A LoRA adapter (rank {args.rank}) trained with `{objective}` ({settings}) on {num_pairs} preference pairs from
+`{args.dataset_name}` for {global_step} optimizer steps (batch {args.train_batch_size} x accumulation
+{args.gradient_accumulation_steps}, learning rate {args.learning_rate:g}, resolution {args.resolution}).
+{sample}
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")
+image = pipe("a prompt").images[0]
+```
+"""
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
+
+
+def push_folder_to_hub(args, folder):
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(
+        args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True, token=args.hub_token
+    ).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        token=args.hub_token,
+        commit_message="Inversion-DPO LoRA",
+        ignore_patterns=["checkpoint-*", ".partial-checkpoint-*", "logs/*", "validation/*"],
+    )
+    return repo_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. The training loop
+
+
+@dataclass
+class Architecture:
+    """What a script supplies: the frozen parts, how a batch becomes conditioning, and how to build a pipeline."""
+
+    name: str  # "stable-diffusion" or "stable-diffusion-xl", for the model card
+    pipeline_cls: type
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object  # a DDIMScheduler with the model's config
+    # (batch, device) -> (cond, null_cond): dicts of UNet keyword arguments with 2B rows (winners, then losers)
+    encode_conditioning: Callable
+    make_pipeline: Callable  # unet -> pipeline for sampling
+
+
+def encode_latents(vae, pixel_values):
+    """Deterministic latents (the distribution's mean, method.md) of [B, 2, 3, R, R] pairs, as [2B, C, h, w]:
+    winners then losers."""
+    images = torch.cat([pixel_values[:, 0], pixel_values[:, 1]]).to(vae.device, dtype=vae.dtype)
+    latents = vae.encode(images).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
+    from diffusers import DDIMScheduler
+
+    def grid(n):
+        return ddim_grid(DDIMScheduler.from_config(noise_scheduler.config), n, device)
+
+    return ObjectiveConfig(
+        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device, torch.float32),
+        beta=args.beta_dpo,
+        loss_type=args.loss_type,
+        inversion_grid=grid(args.inversion_steps) if args.objective == "inversion_dpo" else None,
+        inversion_guidance_scale=args.inversion_guidance_scale,
+        inversion_target=args.inversion_target,
+        timestep_weighting=args.timestep_weighting,
+        inpo_grid=grid(args.inpo_inversion_steps) if args.objective == "inpo" else None,
+        inpo_eta=args.inpo_eta,
+    )
+
+
+def make_denoisers(accelerator, unet, weight_dtype):
+    """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
+    weights with the adapter off: no second copy of the UNet is ever held."""
+    base = accelerator.unwrap_model(unet)
+
+    def policy(x, t, cond):
+        return unet(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
+
+    def reference(x, t, cond):
+        base.disable_adapters()
+        try:
+            return base(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
+        finally:
+            base.enable_adapters()
+
+    return policy, reference
+
+
+class MetricsLog:
+    """One JSON object per optimizer step in <logging_dir>/metrics.jsonl (appended to on resume)."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def load_pairs(args, accelerator):
+    columns = PairColumns(args.image_column_0, args.image_column_1, args.label_column, args.caption_column)
+    with accelerator.main_process_first():
+        dataset, base_dir = load_pairs_dataset(
+            args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir
+        )
+    check_columns(dataset, columns, args.dataset_name)
+    num_rows = len(dataset)
+    dataset, num_ties = drop_ties(dataset, columns, args.dataset_name)
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    logger.info(f"{args.dataset_name}: {num_rows} rows, {num_ties} ties dropped, {len(dataset)} pairs used")
+    pairs = PreferencePairs(
+        dataset,
+        columns,
+        args.resolution,
+        base_dir=base_dir,
+        source=args.dataset_name,
+        random_crop=args.random_crop,
+        hflip=not args.no_hflip,
+    )
+    return pairs, {"rows": num_rows, "ties_dropped": num_ties, "pairs": len(dataset)}
+
+
+def train(args, accelerator, arch: Architecture, data):
+    """Data, optimizer, resume, the loop, checkpoints, validation and the final save. Returns the final metrics."""
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
+    unet = arch.unet
+
+    # 1. Data (loaded by the script before the models, so bad data fails fast)
+    pairs, data_counts = data
+    dataloader = torch.utils.data.DataLoader(
+        pairs,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_pairs,
+        num_workers=args.dataloader_num_workers,
+        drop_last=False,
+    )
+
+    # 2. Optimizer and learning-rate schedule
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args)
+    steps_per_epoch = math.ceil(
+        math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    register_lora_hooks(accelerator, arch.pipeline_cls)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    policy, reference = make_denoisers(accelerator, unet, weight_dtype)
+    objective = OBJECTIVES[args.objective]
+    cfg = objective_config(args, arch.noise_scheduler, device)
+
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("inversion-dpo", config=config)
+
+    # 3. Resume: the same adapter, the step count and the data order continue
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume_path:
+        accelerator.load_state(resume_path)
+        global_step = int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path))).group(1))
+        first_epoch = global_step // steps_per_epoch
+        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"resumed from {resume_path} at step {global_step}")
+    total = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{args.objective}: {len(pairs)} pairs, {num_epochs} epochs, {args.max_train_steps} steps of {total} pairs"
+    )
+
+    # 4. Loop
+    metrics_log = MetricsLog(os.path.join(args.logging_dir, "metrics.jsonl"), accelerator.is_main_process)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    sums, micro_steps, last = {}, 0, {}
+    unet.train()
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        epoch_loader = dataloader
+        if epoch == first_epoch and skip_batches:
+            epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in epoch_loader:
+            with accelerator.accumulate(unet):
+                with torch.no_grad():
+                    z0 = encode_latents(arch.vae, batch["pixel_values"])
+                    cond, null_cond = arch.encode_conditioning(batch, device)
+                with accelerator.autocast():
+                    out = objective(policy, reference, z0, cond, null_cond, cfg)
+                loss = out.loss.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            values = {"loss": out.loss.detach()}
+            if out.margin is not None:
+                values.update(margin=out.margin, accuracy=(out.margin < 0).float())
+            values.update(out.logs)
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + accelerator.gather(v.float().reshape(-1)).mean().item()
+            micro_steps += 1
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                last = {k: v / micro_steps for k, v in sums.items()}
+                last.update(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0])
+                sums, micro_steps = {}, 0
+                metrics_log.write(last)
+                accelerator.log({k: v for k, v in last.items() if k != "step"}, step=global_step)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('accuracy', float('nan')):.2f}")
+                # the last step always gets a checkpoint, so a run can be extended with a larger --max_train_steps
+                if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if (
+                    args.validation_prompts
+                    and global_step % args.validation_steps == 0
+                    and global_step < args.max_train_steps
+                    and accelerator.is_main_process
+                ):
+                    run_validation(
+                        arch.make_pipeline(accelerator.unwrap_model(unet)),
+                        args.validation_prompts,
+                        args,
+                        accelerator,
+                        global_step,
+                    )
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # 5. Save: the final checkpoint, the adapter in the diffusers LoRA format, samples, the card, the Hub
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        arch.pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict_of(final_unet))
+        sample_file = None
+        if args.validation_prompts:
+            images = run_validation(
+                arch.make_pipeline(final_unet), args.validation_prompts, args, accelerator, global_step, tag="final"
+            )
+            sample_file = "validation.png"
+            image_grid(images).save(os.path.join(args.output_dir, sample_file))
+        write_model_card(args, args.output_dir, arch.name, len(pairs), global_step, sample_file)
+        summary = {"final": True, "step": global_step, **data_counts}
+        metrics_log.write(summary)
+        logger.info(f"saved the LoRA adapter to {args.output_dir}: {summary}")
+        if args.push_to_hub:
+            repo_id = push_folder_to_hub(args, args.output_dir)
+            logger.info(f"pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()
+    return last
