@@ -34,7 +34,6 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 def build_parser(description: str, default_resolution: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
     g.add_argument("--revision", default=None)
