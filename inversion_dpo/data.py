@@ -5,7 +5,6 @@ import io
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -155,7 +154,6 @@ class PreferencePairs(torch.utils.data.Dataset):
         source: str = "",
         random_crop: bool = False,
         hflip: bool = True,
-        seed: Optional[int] = None,
     ):
         self.dataset, self.columns, self.resolution = dataset, columns, resolution
         self.base_dir, self.source, self.random_crop, self.hflip = base_dir, source, random_crop, hflip

@@ -244,7 +244,7 @@ def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Object
     """DDIM-InPO (Lu et al., CVPR 2025, arXiv 2503.18454): one ``t ~ U{0..T-1}`` shared by the pair; each image is
     inverted without grad by the *current policy* (conditional, guidance 1) on the coarse grid up to its last level
     at or below ``t``, then one inversion step to ``t`` itself, adding ``eta`` times the DDPM posterior std of fresh
-    noise after each step; the target is the implied noise ``tau = (x_t - sqrt(a_t) z0) / sqrt(1 - a_t)``, and the
+    noise (shared by the pair) after each step; the target is the implied noise ``tau = (x_t - sqrt(a_t) z0) / sqrt(1 - a_t)``, and the
     margin is ``dpo_margin`` with ``tau`` in place of Diffusion-DPO's ``n``.
     """
     grid, a = cfg.inpo_grid, cfg.alphas_cumprod
@@ -256,7 +256,9 @@ def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Object
         x_next = ddim_inverse_step(x, policy(x, label, cond), a_from, a_to)
         if cfg.inpo_eta > 0:
             std = ddpm_posterior_std(a_from, a_to).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
-            x_next = x_next + cfg.inpo_eta * std * torch.randn_like(x)
+            # one draw per pair, shared by winner and loser, as Diffusion-DPO shares its noise
+            fresh = torch.randn_like(x[:B]).repeat(2, *([1] * (x.ndim - 1)))
+            x_next = x_next + cfg.inpo_eta * std * fresh
         return x_next
 
     with torch.no_grad():

@@ -1,0 +1,206 @@
+"""The objectives on hand-made tensors and a tiny linear denoiser whose 'adapter' can be switched off."""
+
+import math
+
+import pytest
+import torch
+
+from inversion_dpo.ddim import ddim_grid, ddim_step
+from inversion_dpo.objectives import (
+    OBJECTIVES,
+    ObjectiveConfig,
+    dpo_margin,
+    inversion_step_weights,
+    mse,
+    preference_loss,
+    reference_distance_margin,
+)
+
+
+def test_links_at_zero_margin_and_by_hand():
+    zero = torch.zeros(3)
+    assert torch.allclose(preference_loss(zero, 5000.0, "sigmoid"), torch.full((3,), math.log(2)))
+    assert torch.allclose(preference_loss(zero, 5000.0, "hinge"), torch.ones(3))
+    assert torch.allclose(preference_loss(zero, 5000.0, "ipo"), torch.full((3,), 0.25))
+    # beta 2000 and margin -1e-3 give the logit -beta/2 * margin = 1
+    m = torch.tensor([-1e-3])
+    assert preference_loss(m, 2000.0, "sigmoid").item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-5)
+    assert preference_loss(m, 2000.0, "hinge").item() == pytest.approx(0.0, abs=1e-6)
+    assert preference_loss(m, 2000.0, "ipo").item() == pytest.approx(0.25, rel=1e-5)
+    assert preference_loss(-m, 2000.0, "hinge").item() == pytest.approx(2.0, rel=1e-5)
+    with pytest.raises(ValueError, match="loss_type"):
+        preference_loss(m, 1.0, "nope")
+
+
+def test_dpo_margin_by_hand():
+    one = torch.ones(1, 2)
+    # winner: policy error 0, reference error 1 -> -1; loser: policy error 4, reference error 0 -> +4
+    margin = dpo_margin(one, 0 * one, one, 3 * one, one, one)
+    assert margin.item() == pytest.approx(-1.0 - 4.0)
+    assert mse(torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2)).item() == pytest.approx(5.0)
+    assert reference_distance_margin(one, 0 * one, one, one).item() == pytest.approx(1.0)
+
+
+def test_official_step_weights():
+    alphas = torch.tensor([0.5, 0.25])
+    assert torch.allclose(inversion_step_weights(alphas, "official"), torch.tensor([1.0, 2.0]))
+    assert torch.allclose(inversion_step_weights(alphas, "uniform"), torch.ones(2))
+
+
+class LinearDenoiser(torch.nn.Module):
+    """eps = W x * (1 + t / T) + cond bias; the 'adapter' adds D x. D = 0 means policy == reference."""
+
+    def __init__(self, channels=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(channels, channels, generator=g) * 0.3
+        self.D = torch.nn.Parameter(torch.zeros(channels, channels))
+
+    def forward(self, x, t, cond, adapter=True):
+        M = self.W + (self.D if adapter else 0)
+        scale = (1 + t.float() / 1000).view(-1, 1, 1, 1)
+        return torch.einsum("ij,bjhw->bihw", M, x) * scale + cond["bias"].view(-1, x.shape[1], 1, 1)
+
+    def policy(self, x, t, cond):
+        return self(x, t, cond)
+
+    def reference(self, x, t, cond):
+        return self(x, t, cond, adapter=False)
+
+
+def make_cfg(**kw):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    grid = lambda n: ddim_grid(DDIMScheduler.from_config(sched.config), n)  # noqa: E731
+    base = dict(alphas_cumprod=sched.alphas_cumprod.float(), beta=500.0, inversion_grid=grid(5), inpo_grid=grid(4))
+    base.update(kw)
+    return ObjectiveConfig(**base)
+
+
+def pair_batch(B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z0 = torch.randn(2 * B, 4, 4, 4, generator=g)
+    bias = torch.randn(B, 4, generator=g) * 0.1
+    cond = {"bias": torch.cat([bias, bias])}
+    return z0, cond, {"bias": torch.zeros_like(cond["bias"])}
+
+
+def swap(z0):
+    B = z0.shape[0] // 2
+    return torch.cat([z0[B:], z0[:B]])
+
+
+PAIR_CASES = [
+    ("diffusion_dpo", {}),
+    ("inversion_dpo", {"inversion_target": "reference"}),
+    ("inversion_dpo", {"inversion_target": "step"}),
+    ("inversion_dpo", {"inversion_target": "x0"}),
+    ("inversion_dpo", {"inversion_target": "step", "inversion_guidance_scale": 2.0, "timestep_weighting": "uniform"}),
+    ("inpo", {}),
+    ("inpo", {"inpo_eta": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name,kw", PAIR_CASES)
+def test_policy_equal_reference_gives_log2(name, kw):
+    model = LinearDenoiser()
+    z0, cond, null = pair_batch()
+    torch.manual_seed(0)
+    out = OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw))
+    assert torch.equal(out.margin, torch.zeros(3))
+    assert torch.allclose(out.loss, torch.full((3,), math.log(2)))
+
+
+@pytest.mark.parametrize("name,kw", PAIR_CASES)
+def test_swapping_winner_and_loser_flips_the_margin(name, kw):
+    model = LinearDenoiser()
+    with torch.no_grad():
+        model.D.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(3)) * 0.1)
+    z0, cond, null = pair_batch()
+    torch.manual_seed(0)
+    a = OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw)).margin
+    torch.manual_seed(0)
+    b = OBJECTIVES[name](model.policy, model.reference, swap(z0), cond, null, make_cfg(**kw)).margin
+    assert a.abs().min() > 0
+    assert torch.allclose(a, -b, rtol=1e-4, atol=1e-7)
+
+
+def grad_norm_at_init(name, **kw):
+    model = LinearDenoiser()
+    z0, cond, null = pair_batch()
+    torch.manual_seed(0)
+    OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw)).loss.mean().backward()
+    return model.D.grad.norm().item()
+
+
+def test_reference_target_has_zero_gradient_at_initialisation():
+    # method.md's warning, reproduced: every term is a squared distance that is 0 at policy == reference
+    assert grad_norm_at_init("inversion_dpo", inversion_target="reference") == 0.0
+    assert grad_norm_at_init("inversion_dpo", inversion_target="step") > 0.0
+    assert grad_norm_at_init("inversion_dpo", inversion_target="x0") > 0.0
+
+
+@pytest.mark.parametrize("name,kw", PAIR_CASES[:1] + PAIR_CASES[2:])
+def test_gradient_steps_lower_the_loss_and_prefer_the_winner(name, kw):
+    model = LinearDenoiser()
+    z0, cond, null = pair_batch()
+    optimizer = torch.optim.Adam([model.D], lr=1e-3)  # bounded steps: the official weights reach 1/(2 a_T) ~ 100
+    losses = []
+    for _ in range(5):
+        torch.manual_seed(0)  # the same t and noise each time: a deterministic descent test
+        out = OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw))
+        losses.append(out.loss.mean().item())
+        optimizer.zero_grad()
+        out.loss.mean().backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] - 1e-3
+    assert (out.margin < 0).all()  # the implicit reward now prefers every winner
+
+
+def test_step_target_is_the_noise_that_denoises_onto_the_previous_latent():
+    from inversion_dpo.ddim import ddim_invert
+
+    model = LinearDenoiser()
+    z0, cond, _ = pair_batch()
+    cfg = make_cfg()
+    grid = cfg.inversion_grid
+    traj = ddim_invert(lambda x, t: model.reference(x, t.expand(len(x)), cond), z0, grid)
+    previous = [z0] + traj.latents[:-1]
+    for i in range(len(grid.timesteps)):
+        landed = ddim_step(traj.latents[i], traj.noises[i], grid.alphas[i + 1], grid.alphas[i])
+        assert torch.allclose(landed, previous[i], atol=1e-4)
+
+
+def test_sft_is_the_winners_denoising_error():
+    model = LinearDenoiser()
+    z0, cond, null = pair_batch()
+    cfg = make_cfg()
+    torch.manual_seed(0)
+    out = OBJECTIVES["sft"](model.policy, model.reference, z0, cond, null, cfg)
+    torch.manual_seed(0)
+    t = torch.randint(0, 1000, (3,))
+    n = torch.randn(3, 4, 4, 4)
+    a = cfg.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x = a.sqrt() * z0[:3] + (1 - a).sqrt() * n
+    expected = mse(n, model.policy(x, t, {"bias": cond["bias"][:3]}))
+    assert out.margin is None
+    assert torch.allclose(out.loss, expected)
+
+
+def test_inpo_target_reaches_the_sampled_level():
+    # with eps == 0 the inversion is a pure rescaling x = sqrt(a_t / a_clean) z0, so tau is known in closed form
+    cfg = make_cfg()
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    seen = {}
+
+    def policy(x, t, c):
+        seen["t"], seen["x"] = t, x
+        return torch.zeros_like(x)
+
+    z0, cond, null = pair_batch()
+    torch.manual_seed(0)
+    OBJECTIVES["inpo"](policy, zero, z0, cond, null, cfg)
+    a_t = cfg.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
+    clean = cfg.inpo_grid.alphas[0]
+    assert torch.allclose(seen["x"], (a_t / clean).sqrt() * z0, atol=1e-5)
