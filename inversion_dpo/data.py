@@ -5,6 +5,7 @@ import io
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -120,15 +121,15 @@ def to_pil(value, base_dir: str = ".", where: str = "") -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, resolution: int, random_crop: bool):
+def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Random] = None):
     """Resizes the shorter side to ``resolution`` and crops a square. Returns the crop and its top-left corner
     (y, x) in the resized image, which SDXL's time ids need."""
     w, h = image.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     image = image.resize((new_w, new_h), Image.BICUBIC)
-    if random_crop:
-        top, left = random.randint(0, new_h - resolution), random.randint(0, new_w - resolution)
+    if rng is not None:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
     else:
         top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution)), (top, left)
@@ -153,10 +154,17 @@ class PreferencePairs(torch.utils.data.Dataset):
         base_dir: str = ".",
         source: str = "",
         random_crop: bool = False,
+        seed: int = 0,
         hflip: bool = True,
     ):
         self.dataset, self.columns, self.resolution = dataset, columns, resolution
         self.base_dir, self.source, self.random_crop, self.hflip = base_dir, source, random_crop, hflip
+        self.seed, self.epoch = seed, 0  # the trainer sets epoch before each pass
+
+    def augmentation_rng(self, index) -> random.Random:
+        """Flips and crops are a function of (seed, epoch, row), not of a global stream: a resumed run, a prefetching
+        loader and any number of workers all see the same augmentation."""
+        return random.Random(f"{self.seed}/{self.epoch}/{index}")
 
     def __len__(self):
         return len(self.dataset)
@@ -166,12 +174,13 @@ class PreferencePairs(torch.utils.data.Dataset):
         c = self.columns
         winner_first = float(row[c.label_0]) == 1.0
         names = (c.image_0, c.image_1) if winner_first else (c.image_1, c.image_0)
-        flip = self.hflip and random.random() < 0.5
+        rng = self.augmentation_rng(index)
+        flip = self.hflip and rng.random() < 0.5
         pixels, sizes, crops = [], [], []
         for name in names:
             image = to_pil(row[name], self.base_dir, f"dataset '{self.source}', row {index}, column '{name}'")
             sizes.append((image.height, image.width))
-            image, crop = resize_and_crop(image, self.resolution, self.random_crop)
+            image, crop = resize_and_crop(image, self.resolution, rng if self.random_crop else None)
             if flip:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             pixels.append(to_tensor(image))

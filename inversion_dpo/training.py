@@ -572,6 +572,7 @@ def load_pairs(args, accelerator):
         source=args.dataset_name,
         random_crop=args.random_crop,
         hflip=not args.no_hflip,
+        seed=args.seed or 0,
     )
     return pairs, {"rows": num_rows, "ties_dropped": num_ties, "pairs": len(dataset)}
 
@@ -593,6 +594,9 @@ def train(args, accelerator, arch: Architecture, data):
         collate_fn=collate_pairs,
         num_workers=args.dataloader_num_workers,
         drop_last=False,
+        # its own generator: iterating never draws from the global RNG that the objectives' noise comes from, so a
+        # resumed run continues that stream exactly
+        generator=torch.Generator().manual_seed(args.seed or 0),
     )
 
     # 2. Optimizer and learning-rate schedule
@@ -645,6 +649,7 @@ def train(args, accelerator, arch: Architecture, data):
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
+        pairs.epoch = epoch
         epoch_loader = dataloader
         if epoch == first_epoch and skip_batches:
             epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)

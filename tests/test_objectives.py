@@ -73,7 +73,12 @@ def make_cfg(**kw):
 
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     grid = lambda n: ddim_grid(DDIMScheduler.from_config(sched.config), n)  # noqa: E731
-    base = dict(alphas_cumprod=sched.alphas_cumprod.float(), beta=500.0, inversion_grid=grid(5), inpo_grid=grid(4))
+    base = {
+        "alphas_cumprod": sched.alphas_cumprod.float(),
+        "beta": 500.0,
+        "inversion_grid": grid(5),
+        "inpo_grid": grid(4),
+    }
     base.update(kw)
     return ObjectiveConfig(**base)
 

@@ -1,0 +1,68 @@
+"""Running the real training scripts as a user does, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = [
+    "--resolution",
+    "32",
+    "--train_batch_size",
+    "2",
+    "--inversion_steps",
+    "3",
+    "--inpo_inversion_steps",
+    "3",
+    "--seed",
+    "0",
+    "--report_to",
+    "none",
+    "--learning_rate",
+    "1e-3",
+]
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return e
+
+
+def run(script, args, launcher="accelerate", check=True, timeout=300):
+    if launcher == "accelerate":
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            os.path.join(REPO, script),
+        ]
+    else:
+        cmd = [sys.executable, os.path.join(REPO, script)]
+    proc = subprocess.run(
+        cmd + [str(a) for a in args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "logs", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def lora(output_dir):
+    return load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
