@@ -1,0 +1,177 @@
+"""The DDIM functions against diffusers' schedulers, which every Stable Diffusion user already trusts.
+
+The pipeline's inversion and the trainers' targets are built from these functions, so an error here would be
+an error everywhere; each test states the property in the words of ``inversion_dpo/ddim.py``'s docstrings.
+"""
+
+import itertools
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+from inversion_dpo.ddim import (
+    ddim_grid,
+    ddim_inverse_step,
+    ddim_invert,
+    ddim_sample,
+    ddim_step,
+    implied_noise,
+)
+
+
+SHAPE = (2, 4, 8, 8)
+
+# Stable Diffusion's own schedule, crossed with the options that move the grid or its clean end
+CONFIGS = [
+    {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "prediction_type": "epsilon",
+        "timestep_spacing": spacing,
+        "set_alpha_to_one": alpha_to_one,
+        "steps_offset": offset,
+    }
+    for spacing, alpha_to_one, offset in itertools.product(["leading", "trailing"], [True, False], [0, 1])
+]
+CONFIG_IDS = [f"{c['timestep_spacing']}-one{int(c['set_alpha_to_one'])}-offset{c['steps_offset']}" for c in CONFIGS]
+# DDIMScheduler.step finds the previous level as t - T // N, which is on the grid for "leading" spacing, and for
+# "trailing" only when N divides T; 7 steps exercise the leading grid's uneven division
+CASES = [(c, n) for c in CONFIGS for n in ([10, 7] if c["timestep_spacing"] == "leading" else [10, 25])]
+CASE_IDS = [f"{CONFIG_IDS[CONFIGS.index(c)]}-{n}steps" for c, n in CASES]
+
+
+def schedulers(config, num_steps):
+    forward, inverse = DDIMScheduler(**config), DDIMInverseScheduler(**config)
+    forward.set_timesteps(num_steps)
+    inverse.set_timesteps(num_steps)
+    return forward, inverse
+
+
+def smooth_eps(seed=0):
+    """A noise predictor that depends on both x and t, so an off-by-one label or level shows."""
+    w = torch.randn(SHAPE[1:], generator=torch.Generator().manual_seed(seed))
+    return lambda x, t: torch.tanh(w * x + float(t) / 500.0)
+
+
+@pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
+def test_grid_is_the_schedulers_grid(config, num_steps):
+    forward, inverse = schedulers(config, num_steps)
+    grid = ddim_grid(DDIMScheduler(**config), num_steps)
+
+    assert grid.timesteps.tolist() == forward.timesteps.flip(0).tolist() == inverse.timesteps.tolist()
+    assert grid.timesteps.tolist() == sorted(grid.timesteps.tolist())
+    assert grid.alphas.shape == (num_steps + 1,)
+    assert grid.alphas[0] == forward.final_alpha_cumprod == inverse.initial_alpha_cumprod
+    torch.testing.assert_close(grid.alphas[1:], forward.alphas_cumprod[grid.timesteps], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
+def test_ddim_step_is_ddim_scheduler_step(config, num_steps):
+    forward, _ = schedulers(config, num_steps)
+    grid = ddim_grid(DDIMScheduler(**config), num_steps)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(num_steps):
+        x_t, eps = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+        expected = forward.step(eps, grid.timesteps[i], x_t, eta=0.0).prev_sample
+        actual = ddim_step(x_t, eps, grid.alphas[i + 1], grid.alphas[i])
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
+def test_ddim_inverse_step_is_ddim_inverse_scheduler_step(config, num_steps):
+    _, inverse = schedulers(config, num_steps)
+    grid = ddim_grid(DDIMScheduler(**config), num_steps)
+    gen = torch.Generator().manual_seed(2)
+    for i in range(num_steps):
+        x_s, eps = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+        expected = inverse.step(eps, grid.timesteps[i], x_s).prev_sample
+        actual = ddim_inverse_step(x_s, eps, grid.alphas[i], grid.alphas[i + 1])
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
+def test_ddim_invert_is_a_ddim_inverse_scheduler_loop(config, num_steps):
+    _, inverse = schedulers(config, num_steps)
+    eps_fn = smooth_eps()
+    z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+
+    x, latents, noises = z0, [], []
+    for t in inverse.timesteps:
+        e = eps_fn(x, t)
+        x = inverse.step(e, t, x).prev_sample
+        latents.append(x)
+        noises.append(e)
+
+    walk = ddim_invert(eps_fn, z0, ddim_grid(DDIMScheduler(**config), num_steps))
+    assert len(walk.latents) == len(walk.noises) == num_steps
+    torch.testing.assert_close(torch.stack(walk.latents), torch.stack(latents), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(walk.noises), torch.stack(noises), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
+def test_ddim_sample_is_a_ddim_scheduler_loop(config, num_steps):
+    forward, _ = schedulers(config, num_steps)
+    eps_fn = smooth_eps()
+    x_N = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+
+    x = x_N
+    for t in forward.timesteps:
+        x = forward.step(eps_fn(x, t), t, x, eta=0.0).prev_sample
+
+    actual = ddim_sample(eps_fn, x_N, ddim_grid(DDIMScheduler(**config), num_steps))
+    torch.testing.assert_close(actual, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_sample_undoes_invert_when_eps_ignores_x(config):
+    # eps(x, t) = table[t]: sampling sees at each level the very noise the inversion used, so the round trip is
+    # exact whatever the grid; it is the linear relation of the module docstring, walked both ways
+    table = torch.randn((1000,) + SHAPE, generator=torch.Generator().manual_seed(5))
+    eps_fn = lambda x, t: table[int(t)]  # noqa: E731
+    grid = ddim_grid(DDIMScheduler(**config), 50)
+    z0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+
+    walk = ddim_invert(eps_fn, z0, grid)
+    assert (walk.latents[-1] - z0).abs().max() > 0.5  # it did go somewhere
+    torch.testing.assert_close(ddim_sample(eps_fn, walk.latents[-1], grid), z0, rtol=0, atol=2e-5)
+    # and every intermediate latent is reached on the way down: one denoising step from x_i with e_i gives x_{i-1}
+    below = [z0] + walk.latents[:-1]
+    for i, (x_i, e_i) in enumerate(zip(walk.latents, walk.noises)):
+        torch.testing.assert_close(
+            ddim_step(x_i, e_i, grid.alphas[i + 1], grid.alphas[i]), below[i], atol=2e-5, rtol=0
+        )
+
+
+def test_per_sample_alphas_broadcast():
+    gen = torch.Generator().manual_seed(7)
+    x, eps, z0 = (torch.randn(SHAPE, generator=gen) for _ in range(3))
+    a_t, a_s = torch.tensor([0.3, 0.05]), torch.tensor([0.9, 0.5])
+
+    for fn in (ddim_step, ddim_inverse_step):
+        batched = fn(x, eps, a_t, a_s)
+        one_by_one = torch.stack([fn(x[b], eps[b], float(a_t[b]), float(a_s[b])) for b in range(2)])
+        torch.testing.assert_close(batched, one_by_one)
+        assert not torch.allclose(batched, fn(x, eps, float(a_t[0]), float(a_s[0])))
+
+    batched = implied_noise(x, z0, a_t)
+    one_by_one = torch.stack([implied_noise(x[b], z0[b], float(a_t[b])) for b in range(2)])
+    torch.testing.assert_close(batched, one_by_one)
+
+
+def test_implied_noise_lands_on_z0_in_one_step():
+    gen = torch.Generator().manual_seed(8)
+    x_t, z0, n = (torch.randn(SHAPE, generator=gen) for _ in range(3))
+    alphas_cumprod = DDIMScheduler(**CONFIGS[0]).alphas_cumprod
+    a_t = alphas_cumprod[torch.tensor([999, 250])]  # one noisy level per sample
+
+    # any x_t: the implied noise is the one a single denoising step to the clean level (a = 1) needs to hit z0
+    tau = implied_noise(x_t, z0, a_t)
+    torch.testing.assert_close(ddim_step(x_t, tau, a_t, 1.0), z0, rtol=1e-5, atol=1e-5)
+
+    # a forward-noised x_t: the implied noise is the noise that was added
+    a = a_t.reshape(-1, 1, 1, 1)
+    noised = a.sqrt() * z0 + (1 - a).sqrt() * n
+    torch.testing.assert_close(implied_noise(noised, z0, a_t), n, rtol=1e-4, atol=1e-4)
