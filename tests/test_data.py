@@ -155,3 +155,18 @@ def test_one_flip_is_shared_by_the_pair_and_follows_seed_and_epoch():
     assert (
         PreferencePairs(ds, PairColumns(), 32, hflip=False)[0]["pixel_values"][0, 1, 0, 0] < 0
     )  # red band stays left
+
+
+def test_imagefolder_with_pair_metadata(tmp_path):
+    # datasets turns metadata columns named <column>_file_name into image columns
+    for i in range(3):
+        solid("red").save(tmp_path / f"{i}a.png")
+        solid("blue").save(tmp_path / f"{i}b.png")
+    with open(tmp_path / "metadata.jsonl", "w") as f:
+        for i, label in enumerate([0, 0.5, 1]):
+            row = {"jpg_0_file_name": f"{i}a.png", "jpg_1_file_name": f"{i}b.png", "label_0": label, "caption": "c"}
+            f.write(json.dumps(row) + "\n")
+    pairs, ties = pairs_of(str(tmp_path))
+    assert (len(pairs), ties) == (2, 1)
+    assert pairs[0]["pixel_values"][0, 2].mean() > 0.5  # label 0: blue first
+    assert pairs[1]["pixel_values"][0, 0].mean() > 0.5  # label 1: red first
