@@ -43,7 +43,8 @@ def _text_config(tokenizer, **extra):
 
 
 def tiny_sd_pipeline(seed: int = 0, block_out_channels: Sequence[int] = (32, 64), sample_size: int = 8):
-    """A ~1 M parameter StableDiffusionPipeline (latents 4 x sample_size^2, images 4x larger: 2 VAE levels)."""
+    """A ~1 M parameter StableDiffusionPipeline. Its VAE has two levels, so images are twice the latent size:
+    32x32 images give 4x16x16 latents (the UNet is convolutional: ``sample_size`` is only the default)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 
 # nothing in the tests may reach a hub: fail fast instead of waiting on a network that is not there
@@ -9,6 +10,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# two threads on a shared 2-core machine spend their time waiting for each other (measured: 74 s against 12 s for
+# the pipeline tests under load); one thread is never much slower on these tiny models
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
