@@ -145,6 +145,7 @@ class ObjectiveConfig:
     inversion_grid: Optional[DDIMGrid] = None  # inversion_dpo: the N-step grid
     inversion_guidance_scale: float = 1.0
     inversion_target: str = "step"
+    inversion_grad_steps: Optional[int] = None  # k of N steps back-propagated (unbiased); None = all (exact)
     timestep_weighting: str = "official"
     inpo_grid: Optional[DDIMGrid] = None  # inpo: the coarse grid
     inpo_eta: float = 0.0
@@ -202,7 +203,8 @@ def inversion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cf
     - ``x0`` (this project's extension): ``dpo_margin`` at ``(x_i, t_i)`` with target
       ``(x_i - sqrt(a_i) z0) / sqrt(1 - a_i)``, the noise with which one step lands on ``z0``.
 
-    Cost per pair: N (x2 with guidance) reference inversion rows, N reference rows, N policy rows with grad.
+    Cost per pair: N (x2 with guidance) reference inversion rows, N reference rows, N policy rows with grad. With
+    ``inversion_grad_steps = k < N``: N policy rows without grad and k with grad, an unbiased gradient.
     """
     grid = cfg.inversion_grid
     N, B2 = len(grid.timesteps), z0.shape[0]
@@ -225,19 +227,45 @@ def inversion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cf
             target = implied_noise(x_i.flatten(0, 1), z0.repeat(N, 1, 1, 1), a_i.flatten()).view_as(x_i)
         elif cfg.inversion_target != "reference":
             raise ValueError(f"unknown inversion_target {cfg.inversion_target!r}; expected one of {INVERSION_TARGETS}")
-    # one policy call over every step: a single forward per backward keeps DDP's reducer happy
-    eps_pol = policy(x_in.flatten(0, 1), t_i.flatten(), cond_n).view_as(x_in)
-
-    terms = []
-    for i in range(N):
-        pw, pl, rw, rl = eps_pol[i, :B], eps_pol[i, B:], eps_ref[i, :B], eps_ref[i, B:]
-        if cfg.inversion_target == "reference":
-            terms.append(reference_distance_margin(pw, rw, pl, rl))
-        else:
-            terms.append(dpo_margin(pw, rw, target[i, :B], pl, rl, target[i, B:]))
     weights = inversion_step_weights(grid.alphas[1:], cfg.timestep_weighting)  # [N]
-    margin = (weights[:, None] * torch.stack(terms)).mean(0)
-    return _pair_output(margin, cfg)
+
+    def weighted_terms(steps, eps_pol):  # [len(steps), B]: w_i m_i of the given steps
+        rows = []
+        for j, i in enumerate(steps):
+            pw, pl, rw, rl = eps_pol[j, :B], eps_pol[j, B:], eps_ref[i, :B], eps_ref[i, B:]
+            if cfg.inversion_target == "reference":
+                rows.append(reference_distance_margin(pw, rw, pl, rl))
+            else:
+                rows.append(dpo_margin(pw, rw, target[i, :B], pl, rl, target[i, B:]))
+        return weights[steps, None] * torch.stack(rows)
+
+    def policy_on(steps):  # one policy call over the given steps: one forward per backward keeps DDP's reducer happy
+        x = x_in[steps]
+        return policy(x.flatten(0, 1), t_i[steps].flatten(), tile_cond(cond, len(steps))).view_as(x)
+
+    k = cfg.inversion_grad_steps or N
+    if k >= N:  # exact: every step with grad
+        margin = weighted_terms(list(range(N)), policy_on(list(range(N)))).mean(0)
+        return _pair_output(margin, cfg)
+
+    # Unbiased k-of-N gradient (method.md): the margin, and so the link's slope, from every step without grad; the
+    # gradient from k random steps scaled N/k. The sum sits inside the sigmoid, so sampling steps for the loss itself
+    # would be biased; sampling them only for d margin is not.
+    with torch.no_grad():
+        margin = weighted_terms(list(range(N)), policy_on(list(range(N)))).mean(0)
+    steps = torch.randperm(N, device=z0.device)[:k].tolist()
+    margin_estimate = weighted_terms(steps, policy_on(steps)).mean(0)  # E[.] = margin
+    slope = _link_slope(margin, cfg)
+    loss = preference_loss(margin, cfg.beta, cfg.loss_type) + slope * (margin_estimate - margin_estimate.detach())
+    return ObjectiveOutput(loss, margin.detach(), {})
+
+
+def _link_slope(margin: torch.Tensor, cfg) -> torch.Tensor:
+    """d loss / d margin at ``margin``, per pair."""
+    with torch.enable_grad():
+        m = margin.detach().clone().requires_grad_(True)
+        (slope,) = torch.autograd.grad(preference_loss(m, cfg.beta, cfg.loss_type).sum(), m)
+    return slope
 
 
 def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):

@@ -100,6 +100,13 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         choices=TIMESTEP_WEIGHTINGS,
         help="Weight of inversion step i: official 1/(2 a_t) or uniform.",
     )
+    g.add_argument(
+        "--inversion_grad_steps",
+        type=int,
+        default=None,
+        help="Back-propagate k random steps of the N, scaled N/k: an unbiased gradient (the margin itself still "
+        "uses every step). Default: all N (exact).",
+    )
     g.add_argument("--inpo_inversion_steps", type=int, default=10, help="The coarse grid of inpo (official 10).")
     g.add_argument(
         "--inpo_eta",
@@ -178,6 +185,8 @@ def check_args(args):
     ):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    if args.inversion_grad_steps is not None and args.inversion_grad_steps < 1:
+        raise SystemExit(f"error: --inversion_grad_steps must be at least 1, got {args.inversion_grad_steps}")
     if args.resolution % 8:
         raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
     args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
@@ -516,6 +525,7 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         inversion_grid=grid(args.inversion_steps) if args.objective == "inversion_dpo" else None,
         inversion_guidance_scale=args.inversion_guidance_scale,
         inversion_target=args.inversion_target,
+        inversion_grad_steps=args.inversion_grad_steps,
         timestep_weighting=args.timestep_weighting,
         inpo_grid=grid(args.inpo_inversion_steps) if args.objective == "inpo" else None,
         inpo_eta=args.inpo_eta,

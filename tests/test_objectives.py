@@ -209,3 +209,32 @@ def test_inpo_target_reaches_the_sampled_level():
     a_t = cfg.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
     clean = cfg.inpo_grid.alphas[0]
     assert torch.allclose(seen["x"], (a_t / clean).sqrt() * z0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["step", "x0"])
+def test_k_of_n_gradient_is_unbiased_and_the_loss_exact(target):
+    from inversion_dpo.objectives import inversion_dpo
+
+    z0, cond, null = pair_batch()
+    model = LinearDenoiser()
+    with torch.no_grad():
+        model.D.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(5)) * 0.05)
+
+    def grad_and_loss(k):
+        model.D.grad = None
+        out = inversion_dpo(
+            model.policy, model.reference, z0, cond, null, make_cfg(inversion_target=target, inversion_grad_steps=k)
+        )
+        out.loss.sum().backward()
+        return model.D.grad.clone(), out.loss.detach()
+
+    exact_grad, exact_loss = grad_and_loss(None)
+    # N = 5, k = 2: all 10 subsets are equally likely, so averaging over enough draws approaches the exact gradient
+    torch.manual_seed(0)
+    draws = [grad_and_loss(2) for _ in range(400)]
+    assert all(torch.allclose(loss, exact_loss, atol=1e-6) for _, loss in draws)
+    mean_grad = torch.stack([g for g, _ in draws]).mean(0)
+    assert torch.allclose(mean_grad, exact_grad, rtol=0.1, atol=0.05 * exact_grad.abs().max().item())
+    single = draws[0][0]
+    assert not torch.allclose(single, exact_grad, rtol=1e-3)  # one draw really is a sample
+    assert torch.allclose(grad_and_loss(5)[0], exact_grad, atol=1e-6)  # k = N is the exact path

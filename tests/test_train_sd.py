@@ -11,12 +11,13 @@ from script_runner import QUICK, lora, metrics, run
 SCRIPT = "train_inversion_dpo.py"
 
 OBJECTIVES = [
-    ["--objective", "diffusion_dpo"],
+    # the user's flags ride along: 8-bit Adam (bitsandbytes runs on the CPU), gradient checkpointing, bf16 autocast
+    ["--objective", "diffusion_dpo", "--use_8bit_adam", "--gradient_checkpointing"],
     ["--objective", "inversion_dpo", "--inversion_target", "reference"],
     ["--objective", "inversion_dpo", "--inversion_target", "step", "--inversion_guidance_scale", "2"],
     ["--objective", "inversion_dpo", "--inversion_target", "x0", "--timestep_weighting", "uniform"],
     ["--objective", "inpo", "--inpo_eta", "0.1", "--loss_type", "hinge"],
-    ["--objective", "sft"],
+    ["--objective", "sft", "--mixed_precision", "bf16"],
 ]
 
 
