@@ -135,3 +135,76 @@ def save_tiny_pairs(path: str, **kwargs) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(pa.table(tiny_pairs(**kwargs)), path)
     return path
+
+
+def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
+    """A ~1 M parameter (UNet) StableDiffusionXLPipeline with SDXL's wiring: two text encoders (the second with a pooled
+    projection), hidden states side by side as the cross-attention input (32 + 32 = 64), and the ``text_time``
+    added conditioning, whose input is 6 time ids x ``addition_time_embed_dim`` 8 + the pooled projection 32 = 80.
+    It ships an EulerDiscreteScheduler as SDXL does (with the DDIM keys of SDXL's config), and the VAE of the tiny SD
+    with SDXL's scaling factor: images are twice the latent size."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = char_tokenizer(), char_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,
+    )
+    ddim = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    scheduler = EulerDiscreteScheduler.from_config(ddim.config, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def save_tiny_sdxl(path: str, seed: int = 0, **kwargs) -> str:
+    tiny_sdxl_pipeline(seed, **kwargs).save_pretrained(path, safe_serialization=True)
+    return path

@@ -32,3 +32,11 @@ def tiny_pairs_parquet(tmp_path_factory):
     from inversion_dpo.tiny import save_tiny_pairs
 
     return save_tiny_pairs(str(tmp_path_factory.mktemp("data") / "train.parquet"), num_rows=8, tie_every=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny randomly initialised Stable Diffusion XL saved as a diffusers folder (loads like a Hub model)."""
+    from inversion_dpo.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
