@@ -1,0 +1,131 @@
+"""Sampling and scoring a (shapes-world) Stable Diffusion pipeline with fixed seeds.
+
+``sample`` draws K images per prompt: image j of every prompt starts from the noise of seed ``seed + j``
+(common random numbers: two models, or a model with and without a LoRA, are compared on the same noise).
+``evaluate`` scores them with ``shapes.score`` and reports, per group of prompts, the mean score and the
+full-prompt pass rate.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inversion_dpo import shapes
+
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 5.0
+
+
+def load_pipeline(model_path: str, lora_path: Optional[str] = None):
+    """A StableDiffusionPipeline from a folder (no safety checker), optionally with LoRA weights, on the CPU."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, feature_extractor=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if lora_path:
+        pipe.load_lora_weights(lora_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    prompts: Sequence[str],
+    num_images: int = 1,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    batch_size: int = 64,
+) -> List[List[Image.Image]]:
+    """``num_images`` 32 x 32 images per prompt; image j of each prompt uses seed ``seed + j``."""
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
+    out: List[List[Optional[Image.Image]]] = [[None] * num_images for _ in prompts]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        images = pipe(
+            prompt=[str(prompts[i]) for i, _ in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(seed + j) for _, j in chunk],
+            height=size,
+            width=size,
+            output_type="pil",
+        ).images
+        for (i, j), im in zip(chunk, images):
+            out[i][j] = im
+    return out
+
+
+@dataclass
+class GroupResult:
+    name: str
+    num_prompts: int
+    num_samples: int
+    mean_score: float
+    pass_rate: float
+
+    def line(self) -> str:
+        return (
+            f"{self.name:<16} prompts {self.num_prompts:4d} samples {self.num_samples:5d} "
+            f"mean score {self.mean_score:.3f} pass rate {self.pass_rate:.3f}"
+        )
+
+
+def score_group(name: str, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> GroupResult:
+    results = [shapes.score(im, p) for p, ims in zip(prompts, images) for im in ims]
+    return GroupResult(
+        name=name,
+        num_prompts=len(prompts),
+        num_samples=len(results),
+        mean_score=float(np.mean([r.score for r in results])) if results else float("nan"),
+        pass_rate=shapes.pass_rate(results),
+    )
+
+
+def default_groups(num_two_object: int = 48, seed: int = 0) -> Dict[str, List[str]]:
+    """single (all 12 objects), heldout-2obj and train-2obj (``num_two_object`` each, a fixed random subset)."""
+    rng = np.random.default_rng(seed)
+
+    def subset(prompts):
+        prompts = [str(p) for p in prompts]
+        if num_two_object and num_two_object < len(prompts):
+            idx = sorted(rng.choice(len(prompts), num_two_object, replace=False))
+            prompts = [prompts[i] for i in idx]
+        return prompts
+
+    return {
+        "single": [str(p) for p in shapes.train_prompts(1)],
+        "heldout-2obj": subset(shapes.heldout_prompts()),
+        "train-2obj": subset(shapes.train_prompts(2)),
+    }
+
+
+def evaluate(
+    pipe,
+    groups: Dict[str, Sequence[str]],
+    num_images: int = 4,
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    save_dir: Optional[str] = None,
+) -> List[GroupResult]:
+    """Samples and scores every group; optionally saves a grid per group (rows = prompts, columns = seeds)."""
+    out = []
+    for name, prompts in groups.items():
+        images = sample(pipe, prompts, num_images, seed, steps, guidance)
+        out.append(score_group(name, prompts, images))
+        if save_dir:
+            os.makedirs(save_dir, exist_ok=True)
+            grid = Image.new("RGB", (32 * num_images, 32 * len(prompts)), "white")
+            for r, ims in enumerate(images):
+                for c, im in enumerate(ims):
+                    grid.paste(im.resize((32, 32)), (32 * c, 32 * r))
+            grid.save(os.path.join(save_dir, f"{name}.png"))
+    return out

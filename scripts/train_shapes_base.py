@@ -1,0 +1,373 @@
+"""Trains a tiny Stable Diffusion (same architecture and folder layout) on the shapes world, on the CPU.
+
+Two phases, both on images rendered from ``shapes.train_prompts()`` only (held-out prompts are never drawn):
+
+1. an AutoencoderKL (32 x 32 x 3 <-> 16 x 16 x 4) for reconstruction plus a tiny KL; its
+   ``scaling_factor`` is then set so that the scaled latents have unit standard deviation;
+2. a CLIPTextModel and a UNet2DConditionModel, jointly, with the epsilon-prediction loss on cached latents
+   and caption dropout to "" (so that classifier-free guidance works), with an EMA of both.
+
+The tokenizer is a word-level CLIPTokenizer: BPE merges are generated so that every shapes-world word is one
+token. The result is saved with ``StableDiffusionPipeline.save_pretrained`` (safetensors) and loads with the
+stock ``from_pretrained``. ``--save_every`` also writes intermediate pipelines (EMA weights) to
+``<output_dir>-ckpt/step-N`` so that a less trained one can be chosen.
+
+    OMP_NUM_THREADS=1 python scripts/train_shapes_base.py --output_dir models/shapes-sd-tiny
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from inversion_dpo import shapes  # noqa: E402
+
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+
+
+def _bpe(symbols, ranks):
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair with the lowest rank."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == math.inf:
+            break
+        first, second = symbols[i], symbols[i + 1]
+        out, i = [], 0
+        while i < len(symbols):
+            if i < len(symbols) - 1 and symbols[i] == first and symbols[i + 1] == second:
+                out.append(first + second)
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return symbols
+
+
+def shapes_vocabulary():
+    """Every word of the shapes-world prompts."""
+    words = set()
+    for n in (1, 2):
+        for p in shapes.all_prompts(n):
+            words.update(str(p).split())
+    return sorted(words)
+
+
+def word_level_vocab(words):
+    """(vocab, merges as (left, right) pairs) such that CLIP's BPE turns each word into one ``word</w>`` token.
+
+    Merges are added greedily: run the BPE with the merges so far on each word, and while a word is still split,
+    append the merge of its first two symbols. A merge appended at the end only fires when no earlier merge
+    applies, so words that are already single tokens stay so.
+    """
+    vocab, merges, ranks = {}, [], {}
+
+    def add(token):
+        vocab.setdefault(token, len(vocab))
+
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        add(c)
+        add(c + "</w>")
+    changed = True
+    while changed:
+        changed = False
+        for w in words:
+            syms = _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
+            if len(syms) > 1:
+                pair = (syms[0], syms[1])
+                ranks[pair] = len(merges)
+                merges.append(pair)
+                add(pair[0] + pair[1])
+                changed = True
+    add(BOS)
+    add(EOS)
+    return vocab, merges
+
+
+def word_tokenizer(max_length=16):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = word_level_vocab(shapes_vocabulary())
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def build_models(tokenizer, args):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=args.text_dim,
+            intermediate_size=2 * args.text_dim,
+            num_attention_heads=4,
+            num_hidden_layers=args.text_layers,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    blocks = tuple(args.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=blocks,
+        layers_per_block=args.unet_layers,
+        # attention (self + cross) only below full latent resolution, as in SD's lowest level, to keep it cheap
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(blocks) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - 1) + ("UpBlock2D",),
+        cross_attention_dim=args.text_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=tuple(args.vae_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return text_encoder, unet, vae, scheduler
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def render_dataset(n, seed, single_fraction):
+    """``n`` renders of train prompts: (images [n, 3, 32, 32] in [-1, 1], captions)."""
+    rng = np.random.default_rng(seed)
+    singles, pairs = shapes.train_prompts(1), shapes.train_prompts(2)
+    images, captions = np.empty((n, 3, 32, 32), np.float32), []
+    for i in range(n):
+        pool = singles if rng.random() < single_fraction else pairs
+        p = pool[rng.integers(len(pool))]
+        assert not shapes.is_heldout(p)
+        img = np.asarray(shapes.render(p, rng), dtype=np.float32)
+        images[i] = img.transpose(2, 0, 1) / 127.5 - 1.0
+        captions.append(str(p))
+    return torch.from_numpy(images), captions
+
+
+# ----------------------------------------------------------------------------------------------------- train
+
+
+def train_vae(vae, images, args, log):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    vae.train()
+    t0 = time.time()
+    for step in range(1, args.vae_steps + 1):
+        idx = torch.randint(len(images), (args.vae_batch,), generator=g)
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        rec_loss = F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = rec_loss + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % args.log_every == 0 or step == args.vae_steps:
+            log(
+                f"vae step {step}/{args.vae_steps} rec {rec_loss.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)"
+            )
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images, batch=256):
+    means = [vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)]
+    return torch.cat(means)
+
+
+@torch.no_grad()
+def vae_pass_rate(vae, scale, n, seed):
+    """Pass rate of decode(encode(render)) against the rendered prompt: the ceiling the diffusion model can reach."""
+    imgs, caps = render_dataset(n, seed, 0.2)
+    z = vae.encode(imgs).latent_dist.mean
+    rec = vae.decode(z).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return shapes.pass_rate(shapes.score_many(list(rec), caps))
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
+def save_pipeline(path, vae, text_encoder, unet, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output_dir", default="models/shapes-sd-tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num_images", type=int, default=20000, help="rendered training images (train prompts only)")
+    ap.add_argument("--single_fraction", type=float, default=0.2, help="share of single-object prompts")
+    ap.add_argument("--vae_steps", type=int, default=1000)
+    ap.add_argument("--vae_batch", type=int, default=16)
+    ap.add_argument("--vae_lr", type=float, default=2e-3)
+    ap.add_argument("--vae_kl", type=float, default=1e-4)
+    ap.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--steps", type=int, default=3000, help="diffusion training steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--caption_dropout", type=float, default=0.1)
+    ap.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 64])
+    ap.add_argument("--unet_layers", type=int, default=1)
+    ap.add_argument("--text_dim", type=int, default=64)
+    ap.add_argument("--text_layers", type=int, default=2)
+    ap.add_argument("--max_length", type=int, default=16)
+    ap.add_argument("--save_every", type=int, default=0, help="also save EMA pipelines every N steps")
+    ap.add_argument("--log_every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
+
+    tokenizer = word_tokenizer(args.max_length)
+    for w in shapes_vocabulary():
+        ids = tokenizer(w, add_special_tokens=False).input_ids
+        assert len(ids) == 1, f"{w!r} is not one token: {ids}"
+    text_encoder, unet, vae, scheduler = build_models(tokenizer, args)
+    log(
+        f"params: vae {n_params(vae):,} text_encoder {n_params(text_encoder):,} unet {n_params(unet):,}; "
+        f"vocab {len(tokenizer)}"
+    )
+
+    images, captions = render_dataset(args.num_images, args.seed, args.single_fraction)
+    log(f"rendered {len(images)} images of train prompts")
+
+    # phase 1: autoencoder
+    train_vae(vae, images, args, log)
+    vae.requires_grad_(False)
+    latents = encode_all(vae, images)
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    log(f"latents {tuple(latents.shape)} scaling_factor {scale:.4f}; cached")
+    log(f"vae reconstruction pass rate {vae_pass_rate(vae, scale, 200, args.seed + 7):.3f}")
+
+    # phase 2: text encoder + unet, epsilon prediction
+    tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
+    ids = tok.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema_unet.requires_grad_(False)
+    ema_text.requires_grad_(False)
+    acp = scheduler.alphas_cumprod
+    g = torch.Generator().manual_seed(args.seed + 2)
+    unet.train()
+    text_encoder.train()
+    t0, running = time.time(), 0.0
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(latents), (args.batch,), generator=g)
+        x0 = latents[idx]
+        cond_ids = ids[idx].clone()
+        drop = torch.rand(args.batch, generator=g) < args.caption_dropout
+        cond_ids[drop] = empty_ids[0]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        enc = text_encoder(cond_ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=enc).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t0
+            log(
+                f"unet step {step}/{args.steps} loss {running / args.log_every:.4f} "
+                f"({el:.0f} s, {el / step:.3f} s/step)"
+            )
+            running = 0.0
+        if args.save_every and step % args.save_every == 0 and step != args.steps:
+            path = os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}")
+            save_pipeline(path, vae, ema_text, ema_unet, tokenizer, scheduler)
+            log(f"saved {path}")
+
+    save_pipeline(args.output_dir, vae, ema_text, ema_unet, tokenizer, scheduler)
+    info = {
+        "args": vars(args),
+        "params": {"vae": n_params(vae), "text_encoder": n_params(text_encoder), "unet": n_params(unet)},
+        "scaling_factor": scale,
+        "wall_clock_s": round(time.time() - t_start, 1),
+    }
+    with open(os.path.join(args.output_dir, "training_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    log(f"saved {args.output_dir} ({info['wall_clock_s']} s in all)")
+
+
+if __name__ == "__main__":
+    main()

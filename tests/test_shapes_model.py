@@ -1,0 +1,106 @@
+"""The committed shapes-world base model (models/shapes-sd-tiny), its evaluation and the pair generator."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from inversion_dpo import shapes
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(REPO, "models", "shapes-sd-tiny")
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(MODEL), reason="models/shapes-sd-tiny is not there")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.set_num_threads(1)
+    p = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, feature_extractor=None)
+    p.scheduler = DDIMScheduler.from_config(p.scheduler.config)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_model_files_are_small_safetensors():
+    files = [os.path.join(d, f) for d, _, fs in os.walk(MODEL) for f in fs]
+    assert any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".ckpt")) for f in files)
+    assert sum(os.path.getsize(f) for f in files) <= 15 * 2**20
+
+
+def test_stock_pipeline_samples_32px(pipe):
+    out = pipe(
+        "a red circle",
+        num_inference_steps=5,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (1, 32, 32, 3)
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_tokenizer_one_token_per_word(pipe):
+    tok = pipe.tokenizer
+    assert tok.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    for text in ["a blue square left of a yellow triangle", "a green circle below a red square", "a red circle"]:
+        ids = tok(text).input_ids
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.convert_ids_to_tokens(ids[1:-1]) == [w + "</w>" for w in text.split()]
+    words = {w for n in (1, 2) for p in shapes.all_prompts(n) for w in str(p).split()}
+    for w in words:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+
+
+def test_make_pairs_writes_valid_schema(pipe, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from inversion_dpo import shapes_pairs
+
+    out = str(tmp_path / "pairs.parquet")
+    stats = shapes_pairs.make_pairs(pipe, num_prompts=2, images_per_prompt=3, out_path=out, seed=1, steps=4)
+    table = pq.read_table(out)
+    assert {"jpg_0", "jpg_1", "label_0", "caption"} <= set(table.column_names)
+    rows = table.to_pylist()
+    assert len(rows) == stats["pairs"] <= 2 * 3
+    for r in rows:
+        assert not shapes.is_heldout(r["caption"])
+        assert r["label_0"] in (0.0, 1.0)
+        assert r["score_0"] != r["score_1"]
+        assert (r["label_0"] == 1.0) == (r["score_0"] > r["score_1"])
+        for key in ("jpg_0", "jpg_1"):
+            im = Image.open(io.BytesIO(r[key]))
+            assert im.format == "JPEG" and im.size == (32, 32)
+
+
+def test_pairs_refuse_heldout_and_drop_ties():
+    from PIL import Image
+
+    from inversion_dpo import shapes_pairs
+
+    good = shapes.render("a red circle left of a green square", 0)
+    blank = Image.new("RGB", (32, 32), "white")
+    rows = shapes_pairs.pairs_from_samples(["a red circle left of a green square"], [[good, blank, blank]], seed=0)
+    assert len(rows["caption"]) == 2  # (good, blank) twice; (blank, blank) is a tie
+    assert all(max(a, b) == 1.0 for a, b in zip(rows["score_0"], rows["score_1"]))
+    with pytest.raises(ValueError):
+        shapes_pairs.pairs_from_samples([str(shapes.heldout_prompts()[0])], [[good, blank]])
+    for p in shapes_pairs.choose_prompts(50, seed=3, single_fraction=0.2):
+        assert not shapes.is_heldout(p)
+
+
+def test_eval_on_two_prompts(pipe):
+    from inversion_dpo import shapes_eval
+
+    groups = {"single": ["a red circle"], "two": ["a blue square left of a yellow triangle"]}
+    results = shapes_eval.evaluate(pipe, groups, num_images=2, seed=0, steps=4)
+    assert [r.name for r in results] == ["single", "two"]
+    for r in results:
+        assert r.num_samples == 2 and 0.0 <= r.mean_score <= 1.0 and 0.0 <= r.pass_rate <= 1.0
