@@ -21,6 +21,15 @@ def test_every_flag_of_the_trainer_is_in_the_readme():
     assert not missing, f"README lacks {missing}"
 
 
+def test_every_flag_of_the_sdxl_trainer_is_in_the_readme():
+    from train_inversion_dpo_sdxl import make_parser
+
+    text = readme()
+    flags = [a.option_strings[0] for a in make_parser()._actions if a.option_strings[0] != "-h"]
+    missing = [f for f in flags if f"`{f}`" not in text]
+    assert not missing, f"README lacks {missing}"
+
+
 def test_ci_runs_the_readme_test_command():
     out = subprocess.run(
         ["awk", "/<!-- test-command -->/{found=1; next} found && /^```bash/{getline; print; exit}", "README.md"],
