@@ -3,6 +3,7 @@
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -113,8 +114,9 @@ def test_every_objective_trains_a_lora(objective, tiny_sdxl_dir, tiny_pairs_parq
 
 @pytest.fixture(scope="module")
 def inpo_runs(tiny_sdxl_dir, tiny_pairs_parquet, tmp_path_factory):
-    """inpo (fresh noise every step: the random streams must continue) 4 steps straight, with validation; and 2
-    steps, then resumed from the latest checkpoint to 4."""
+    """inpo (fresh noise every step: the random streams must continue) 4 steps straight with a checkpoint every step
+    and validation; and a run resumed from the latest checkpoint of a folder holding that run's step 2 (what a 2-step
+    run leaves: one launch fewer on a 2-core machine) up to 4."""
     root = tmp_path_factory.mktemp("sdxl-runs")
     straight, resumed = str(root / "straight"), str(root / "resumed")
     args = common(tiny_sdxl_dir, tiny_pairs_parquet) + ["--train_batch_size", 1, "--checkpointing_steps", 1]
@@ -122,20 +124,24 @@ def inpo_runs(tiny_sdxl_dir, tiny_pairs_parquet, tmp_path_factory):
     validation = ["--validation_prompts", "a red circle", "--validation_steps", 2]
     validation += ["--validation_num_inference_steps", 2]
     run(SCRIPT, args + ["--output_dir", straight, "--max_train_steps", 4, *validation])
-    run(SCRIPT, args + ["--output_dir", resumed, "--max_train_steps", 2])
-    check_run(resumed, RESUMABLE)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
     run(SCRIPT, args + ["--output_dir", resumed, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
     return straight, resumed
 
 
+def test_inpo_trains_a_lora(inpo_runs):
+    check_run(inpo_runs[0], RESUMABLE, steps=4)
+
+
 def test_resume_continues_the_same_adapter(inpo_runs):
     straight, resumed = inpo_runs
-    assert [r["step"] for r in metrics(resumed) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(resumed) if "loss" in r] == [3, 4]
     a, b = lora(straight), lora(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
-    assert [round(r["loss"], 5) for r in metrics(straight) if "loss" in r] == [
+    # the same losses step by step: same data order and the same noise draws
+    assert [round(r["loss"], 5) for r in metrics(straight) if "loss" in r][2:] == [
         round(r["loss"], 5) for r in metrics(resumed) if "loss" in r
     ]
     assert sorted(os.listdir(os.path.join(straight, "validation"))) == ["final-000004.png", "validation-000002.png"]
