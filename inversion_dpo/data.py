@@ -121,9 +121,10 @@ def to_pil(value, base_dir: str = ".", where: str = "") -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Random] = None):
-    """Resizes the shorter side to ``resolution`` and crops a square. Returns the crop and its top-left corner
-    (y, x) in the resized image, which SDXL's time ids need."""
+def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Random] = None, flip: bool = False):
+    """Resizes the shorter side to ``resolution``, crops a square and optionally mirrors it. Returns the crop and its
+    top-left corner (y, x) in the resized image as SDXL's time ids need it: after a flip, the corner of the mirrored
+    crop within the mirrored image."""
     w, h = image.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -132,7 +133,10 @@ def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Ra
         top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
     else:
         top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+    crop = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        return crop.transpose(Image.FLIP_LEFT_RIGHT), (top, new_w - resolution - left)
+    return crop, (top, left)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -180,9 +184,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         for name in names:
             image = to_pil(row[name], self.base_dir, f"dataset '{self.source}', row {index}, column '{name}'")
             sizes.append((image.height, image.width))
-            image, crop = resize_and_crop(image, self.resolution, rng if self.random_crop else None)
-            if flip:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image, crop = resize_and_crop(image, self.resolution, rng if self.random_crop else None, flip)
             pixels.append(to_tensor(image))
             crops.append(crop)
         caption = row[c.caption]

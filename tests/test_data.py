@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -170,3 +171,14 @@ def test_imagefolder_with_pair_metadata(tmp_path):
     assert (len(pairs), ties) == (2, 1)
     assert pairs[0]["pixel_values"][0, 2].mean() > 0.5  # label 0: blue first
     assert pairs[1]["pixel_values"][0, 0].mean() > 0.5  # label 1: red first
+
+
+def test_crop_corner_is_mirrored_with_the_flip():
+    from inversion_dpo.data import resize_and_crop
+
+    image = Image.new("RGB", (64, 32))  # resized to 64 x 32 at resolution 32: crops can start at x = 0 .. 32
+    rng = random.Random(0)
+    _, (top, left) = resize_and_crop(image, 32, rng)
+    _, (top_f, left_f) = resize_and_crop(image, 32, random.Random(0), flip=True)
+    assert top_f == top and left_f == 32 - left
+    assert resize_and_crop(image, 32, None, flip=True)[1] == (0, 16)  # a centred crop stays centred
