@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""The embedded default, offline on a CPU: build a tiny Stable Diffusion and a tiny Pick-a-Pic-style preference set
-in code, train an Inversion-DPO LoRA with the real `train_inversion_dpo.py` through `accelerate launch`, and load
-the adapter into a stock diffusers pipeline.
+"""The whole story on a CPU, offline, in minutes: a tiny text-to-image model of the shapes world gets composition
+often wrong; sample it, score its images with a program, turn them into preference pairs, train an Inversion-DPO
+LoRA with the real `train_inversion_dpo.py` through `accelerate launch`, and compare base and aligned on prompt
+combinations held out of training, with fixed seeds.
 
-    python demo.py [--output_dir demo_output] [--max_train_steps 20]
+    python demo.py [--output_dir demo_output]
 
-The model is random, so the images mean nothing; what this shows is the whole path working end to end.
+Writes to the output folder: the adapter (`pytorch_lora_weights.safetensors`) and its card, the pairs, the
+results table (`results.md`, `results.json`), a before/after grid (`before_after.png`) and the training curve
+(`training_curve.png`).
 """
 
 import argparse
@@ -17,22 +20,86 @@ import time
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="demo_output")
-    parser.add_argument("--max_train_steps", type=int, default=20)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, HERE)
-    from inversion_dpo.tiny import save_tiny_pairs, save_tiny_sd
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=os.path.join(HERE, "models", "shapes-sd-tiny"))
+    p.add_argument("--output_dir", default="demo_output")
+    p.add_argument("--pair_prompts", type=int, default=64, help="Train prompts sampled for pairs.")
+    p.add_argument("--images_per_prompt", type=int, default=4)
+    p.add_argument("--max_pairs_per_prompt", type=int, default=4)
+    p.add_argument("--eval_seeds", type=int, default=2, help="Samples per held-out prompt.")
+    p.add_argument("--max_eval_prompts", type=int, default=None, help="Evaluate on the first N prompts of each group.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_args", default="", help="Extra flags for train_inversion_dpo.py, quoted.")
+    return p.parse_args(input_args)
 
+
+TRAIN_ARGS = [
+    "--objective", "inversion_dpo", "--inversion_target", "step", "--inversion_steps", "5",
+    "--train_batch_size", "8", "--max_train_steps", "60", "--learning_rate", "1e-3", "--beta_dpo", "5000",
+    "--rank", "8", "--resolution", "32", "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
+    "--report_to", "tensorboard",
+]  # fmt: skip
+
+
+def scores_of(pipe, prompts, num_images, seed):
+    from inversion_dpo import shapes, shapes_eval
+
+    images = shapes_eval.sample(pipe, prompts, num_images, seed)
+    results = [[shapes.score(im, p) for im in ims] for p, ims in zip(prompts, images)]
+    return images, results
+
+
+def summary(results, base_results=None):
+    from inversion_dpo.report import mean_interval, wilson_interval, win_rate
+
+    flat = [r for rs in results for r in rs]
+    mean, low, high = mean_interval([r.score for r in flat])
+    passed = sum(r.passed for r in flat)
+    acc_low, acc_high = wilson_interval(passed, len(flat))
+    row = {
+        "n": len(flat),
+        "mean_score": mean,
+        "mean_score_ci": [low, high],
+        "accuracy": passed / len(flat),
+        "accuracy_ci": [acc_low, acc_high],
+    }
+    if base_results is not None:
+        base_flat = [r for rs in base_results for r in rs]
+        row["win_rate"] = win_rate([r.score for r in flat], [r.score for r in base_flat])
+    return row
+
+
+def main(args):
+    import torch
+
+    from inversion_dpo import shapes, shapes_eval, shapes_pairs
+    from inversion_dpo.report import labelled_grid, line_plot
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()
-    base = save_tiny_sd(os.path.join(args.output_dir, "base-model"))
-    pairs = save_tiny_pairs(os.path.join(args.output_dir, "pairs.parquet"), num_rows=32, tie_every=8)
-    print(f"built a tiny SD at {base} and 32 preference rows (4 ties) at {pairs}")
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"error: no model at '{args.model}' (scripts/train_shapes_base.py builds it)")
 
+    # 1. Preference pairs from the base model's own samples, scored by the program, on train prompts only
+    base = shapes_eval.load_pipeline(args.model)
+    pairs_path = os.path.join(out, "pairs.parquet")
+    counts = shapes_pairs.make_pairs(
+        base,
+        args.pair_prompts,
+        args.images_per_prompt,
+        pairs_path,
+        seed=args.seed,
+        max_pairs_per_prompt=args.max_pairs_per_prompt,
+    )
+    print(f"[{time.time() - start:4.0f}s] pairs: {counts}")
+
+    # 2. Inversion-DPO LoRA with the real training script
     cmd = [
         sys.executable,
         "-m",
@@ -48,67 +115,73 @@ def main():
         "no",
         os.path.join(HERE, "train_inversion_dpo.py"),
         "--pretrained_model_name_or_path",
-        base,
+        args.model,
         "--dataset_name",
-        pairs,
+        pairs_path,
         "--output_dir",
-        args.output_dir,
-        "--objective",
-        "inversion_dpo",
-        "--inversion_target",
-        "step",
-        "--inversion_steps",
-        "10",
-        "--resolution",
-        "32",
-        "--train_batch_size",
-        "4",
-        "--max_train_steps",
-        str(args.max_train_steps),
-        "--learning_rate",
-        "1e-3",
-        "--checkpointing_steps",
-        "10",
-        "--checkpoints_total_limit",
-        "1",
-        "--validation_prompts",
-        "a red circle",
-        "a blue square left of a yellow triangle",
-        "--validation_steps",
-        "10",
-        "--validation_num_inference_steps",
-        "10",
+        out,
         "--seed",
-        "0",
-        "--report_to",
-        "tensorboard",
+        str(args.seed),
+        *TRAIN_ARGS,
+        *args.train_args.split(),
     ]
-    print(" ".join(cmd[1:]))
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=HERE))
+    print(f"[{time.time() - start:4.0f}s] accelerate launch train_inversion_dpo.py {' '.join(cmd[12:])}")
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=HERE, HF_HUB_OFFLINE="1"))
+    print(f"[{time.time() - start:4.0f}s] trained")
 
-    with open(os.path.join(args.output_dir, "logs", "metrics.jsonl")) as f:
+    # 3. Base against aligned on held-out prompt combinations, the same noise for both
+    aligned = shapes_eval.load_pipeline(args.model, lora_path=out)
+    groups = {
+        "held-out two-object": [str(p) for p in shapes.heldout_prompts()],
+        "single-object": [str(p) for p in shapes.train_prompts(1)],
+    }
+    table, grids = {}, {}
+    for group, prompts in groups.items():
+        prompts = prompts[: args.max_eval_prompts]
+        base_images, base_results = scores_of(base, prompts, args.eval_seeds, seed=10_000)
+        new_images, new_results = scores_of(aligned, prompts, args.eval_seeds, seed=10_000)
+        table[group] = {"base": summary(base_results), "aligned": summary(new_results, base_results)}
+        grids[group] = (prompts, base_images, new_images)
+    print(f"[{time.time() - start:4.0f}s] evaluated")
+
+    # 4. The table, the grid, the curve
+    lines = ["| prompts | model | samples | mean score [95% CI] | full-prompt accuracy [95% CI] | win rate vs base [95% CI] |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for group, rows in table.items():
+        for name, r in rows.items():
+            win = r.get("win_rate")
+            win_text = f"{win['win_rate']:.2f} [{win['low']:.2f}, {win['high']:.2f}]" if win else "-"
+            lines.append(
+                f"| {group} | {name} | {r['n']} | {r['mean_score']:.3f} [{r['mean_score_ci'][0]:.3f}, "
+                f"{r['mean_score_ci'][1]:.3f}] | {r['accuracy']:.1%} [{r['accuracy_ci'][0]:.1%}, "
+                f"{r['accuracy_ci'][1]:.1%}] | {win_text} |"
+            )
+    text = "\n".join(lines)
+    print("\n" + text + "\n")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"pairs": counts, "table": table, "train_args": TRAIN_ARGS + args.train_args.split()}, f, indent=1)
+
+    prompts, base_images, new_images = grids["held-out two-object"]
+    shown = list(range(0, len(prompts), max(1, len(prompts) // 8)))[:8]
+    labelled_grid(
+        {"base": [base_images[i][0] for i in shown], "aligned": [new_images[i][0] for i in shown]},
+        [prompts[i] for i in shown],
+    ).save(os.path.join(out, "before_after.png"))
+    with open(os.path.join(out, "logs", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
-    print("\nstep  loss    margin      accuracy")
-    for r in rows[:: max(1, len(rows) // 10)] + ([rows[-1]] if len(rows) % 10 else []):
-        print(f"{r['step']:4d}  {r['loss']:.4f}  {r['margin']:+.3e}  {r['accuracy']:.2f}")
-
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, feature_extractor=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        g = torch.Generator().manual_seed(0)
-        return pipe("a red circle", num_inference_steps=10, height=32, width=32, generator=g, output_type="pt").images
-
-    before = sample()
-    pipe.load_lora_weights(args.output_dir)
-    change = (sample() - before).abs().mean().item()
-    print(f"\nadapter: {os.path.join(args.output_dir, 'pytorch_lora_weights.safetensors')}")
-    print(f"stock StableDiffusionPipeline.load_lora_weights changed the sample by {change:.4f} (mean |diff|)")
-    print(f"done in {time.time() - start:.0f} s")
+    line_plot(
+        {"loss": [(r["step"], r["loss"]) for r in rows], "accuracy": [(r["step"], r["accuracy"]) for r in rows]},
+        os.path.join(out, "training_curve.png"),
+        title="Inversion-DPO training (pair loss and accuracy)",
+        x_label="optimizer step",
+    )
+    print(
+        f"[{time.time() - start:4.0f}s] wrote {out}/: pytorch_lora_weights.safetensors, results.md, "
+        f"before_after.png, training_curve.png"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

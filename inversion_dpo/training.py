@@ -399,17 +399,18 @@ def run_validation(pipeline, prompts, args, accelerator, step, tag="validation")
     images = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
-        with accelerator.autocast():
-            images.append(
-                pipeline(
-                    prompt,
-                    num_inference_steps=args.validation_num_inference_steps,
-                    guidance_scale=args.validation_guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=generator,
-                ).images[0]
-            )
+        # no autocast: the pipeline handles its dtypes (peft casts into the fp32 LoRA weights), and autocast would
+        # decode an fp32 VAE (SDXL's, which overflows in fp16) in fp16
+        images.append(
+            pipeline(
+                prompt,
+                num_inference_steps=args.validation_num_inference_steps,
+                guidance_scale=args.validation_guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generator,
+            ).images[0]
+        )
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid = image_grid(images)

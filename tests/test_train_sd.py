@@ -17,7 +17,8 @@ OBJECTIVES = [
     ["--objective", "inversion_dpo", "--inversion_target", "step", "--inversion_guidance_scale", "2"],
     ["--objective", "inversion_dpo", "--inversion_target", "x0", "--timestep_weighting", "uniform"],
     ["--objective", "inpo", "--inpo_eta", "0.1", "--loss_type", "hinge"],
-    ["--objective", "sft", "--mixed_precision", "bf16"],
+    ["--objective", "sft", "--mixed_precision", "bf16", "--validation_prompts", "a red circle",
+     "--validation_num_inference_steps", "2"],
 ]
 
 
