@@ -78,6 +78,7 @@ def main(args):
 
     from inversion_dpo import shapes, shapes_eval, shapes_pairs
     from inversion_dpo.report import labelled_grid, line_plot
+    from inversion_dpo.training import cpu_launch_command
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()
@@ -100,20 +101,7 @@ def main(args):
     print(f"[{time.time() - start:4.0f}s] pairs: {counts}")
 
     # 2. Inversion-DPO LoRA with the real training script
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        os.path.join(HERE, "train_inversion_dpo.py"),
+    cmd = cpu_launch_command(os.path.join(HERE, "train_inversion_dpo.py")) + [
         "--pretrained_model_name_or_path",
         args.model,
         "--dataset_name",
@@ -125,7 +113,7 @@ def main(args):
         *TRAIN_ARGS,
         *args.train_args.split(),
     ]
-    print(f"[{time.time() - start:4.0f}s] accelerate launch train_inversion_dpo.py {' '.join(cmd[12:])}")
+    print(f"[{time.time() - start:4.0f}s] accelerate launch train_inversion_dpo.py {' '.join(cmd[13:])}")
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=HERE, HF_HUB_OFFLINE="1"))
     print(f"[{time.time() - start:4.0f}s] trained")
 

@@ -193,6 +193,13 @@ def check_args(args):
     return args
 
 
+def cpu_launch_command(script: str) -> list:
+    """``accelerate launch`` of a script on one CPU process, with every launcher default given (no prompt, no
+    warning about missing values)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]  # fmt: skip
+
+
 def run_cli(main, parse_args):
     """Runs a script's main; bad input ends in one line naming the problem, not a traceback."""
     try:
@@ -399,18 +406,20 @@ def run_validation(pipeline, prompts, args, accelerator, step, tag="validation")
     images = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
-        # no autocast: the pipeline handles its dtypes (peft casts into the fp32 LoRA weights), and autocast would
-        # decode an fp32 VAE (SDXL's, which overflows in fp16) in fp16
-        images.append(
-            pipeline(
-                prompt,
-                num_inference_steps=args.validation_num_inference_steps,
-                guidance_scale=args.validation_guidance_scale,
-                height=args.resolution,
-                width=args.resolution,
-                generator=generator,
-            ).images[0]
-        )
+        # autocast: the stock pipelines do not cast latents into a half-precision VAE themselves (bf16 fails
+        # without it). Known risk, unchecked without a GPU: under fp16 it also runs an fp32 SDXL VAE in fp16; the
+        # SDXL recipe uses the fp16-fix VAE.
+        with accelerator.autocast():
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                ).images[0]
+            )
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid = image_grid(images)

@@ -7,6 +7,8 @@ import sys
 
 from safetensors.torch import load_file
 
+from inversion_dpo.training import cpu_launch_command
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = [
@@ -34,21 +36,7 @@ def env():
 
 def run(script, args, launcher="accelerate", check=True, timeout=300):
     if launcher == "accelerate":
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            os.path.join(REPO, script),
-        ]
+        cmd = cpu_launch_command(os.path.join(REPO, script))
     else:
         cmd = [sys.executable, os.path.join(REPO, script)]
     proc = subprocess.run(
