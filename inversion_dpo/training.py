@@ -3,6 +3,7 @@ validation, the model card. A script supplies only what differs between the arch
 captions and images becomes conditioning, and how a pipeline is built for validation and saving."""
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,14 @@ from PIL import Image
 
 from .data import DataError, PairColumns, PreferencePairs, check_columns, collate_pairs, drop_ties, load_pairs_dataset
 from .ddim import ddim_grid
-from .objectives import INVERSION_TARGETS, LOSS_TYPES, OBJECTIVES, TIMESTEP_WEIGHTINGS, ObjectiveConfig
+from .objectives import (
+    INVERSION_MARGINS,
+    INVERSION_TARGETS,
+    LOSS_TYPES,
+    OBJECTIVES,
+    TIMESTEP_WEIGHTINGS,
+    ObjectiveConfig,
+)
 
 
 logger = logging.getLogger("inversion_dpo")
@@ -107,6 +115,22 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         help="Back-propagate k random steps of the N, scaled N/k: an unbiased gradient (the margin itself still "
         "uses every step). Default: all N (exact).",
     )
+    g.add_argument(
+        "--inversion_chunk_steps",
+        type=int,
+        default=1,
+        help="Inversion steps per policy call with grad. Below N: two passes (the margin from every step without "
+        "grad, then the gradient chunk by chunk, one backward each): the exact gradient with the activation memory "
+        "of this many steps whatever N, for about 4/3 the compute. N or more: all steps in one graph.",
+    )
+    g.add_argument(
+        "--inversion_margin",
+        default="trajectory",
+        choices=INVERSION_MARGINS,
+        help="trajectory: every step inside one sigmoid (the paper). step (this project's extension): each pair "
+        "samples one step and the sigmoid takes w_i m_i, whose mean is the trajectory margin (Diffusion-DPO's "
+        "per-timestep form, a Jensen upper bound of the trajectory loss): 2 policy rows with grad per pair.",
+    )
     g.add_argument("--inpo_inversion_steps", type=int, default=10, help="The coarse grid of inpo (official 10).")
     g.add_argument(
         "--inpo_eta",
@@ -178,6 +202,7 @@ def check_args(args):
         "gradient_accumulation_steps",
         "inversion_steps",
         "inpo_inversion_steps",
+        "inversion_chunk_steps",
         "rank",
         "resolution",
         "checkpointing_steps",
@@ -187,6 +212,9 @@ def check_args(args):
             raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
     if args.inversion_grad_steps is not None and args.inversion_grad_steps < 1:
         raise SystemExit(f"error: --inversion_grad_steps must be at least 1, got {args.inversion_grad_steps}")
+    if args.inversion_grad_steps is not None and args.inversion_margin == "step":
+        raise SystemExit("error: --inversion_grad_steps samples steps of the trajectory margin; --inversion_margin step "
+                         "back-propagates its one step already")  # fmt: skip
     if args.resolution % 8:
         raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
     args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
@@ -441,7 +469,7 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
     if objective == "inversion_dpo":
         settings += (
             f", {args.inversion_steps} inversion steps, inversion guidance {args.inversion_guidance_scale:g}"
-            f", target {args.inversion_target}, weighting {args.timestep_weighting}"
+            f", target {args.inversion_target}, weighting {args.timestep_weighting}, margin {args.inversion_margin}"
         )
     elif objective == "inpo":
         settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
@@ -536,6 +564,8 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         inversion_guidance_scale=args.inversion_guidance_scale,
         inversion_target=args.inversion_target,
         inversion_grad_steps=args.inversion_grad_steps,
+        inversion_chunk_steps=args.inversion_chunk_steps,
+        inversion_margin=args.inversion_margin,
         timestep_weighting=args.timestep_weighting,
         inpo_grid=grid(args.inpo_inversion_steps) if args.objective == "inpo" else None,
         inpo_eta=args.inpo_eta,
@@ -558,6 +588,31 @@ def make_denoisers(accelerator, unet, weight_dtype):
             base.enable_adapters()
 
     return policy, reference
+
+
+@contextlib.contextmanager
+def held_gradient_sync(accelerator, model):
+    """For every backward of a micro-step but the last: DDP does not all-reduce (``no_sync``) and DeepSpeed neither
+    reduces nor steps (its backward steps when ``sync_gradients``), so the gradients accumulate locally."""
+    sync = accelerator.sync_gradients
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(sync)
+
+
+def backward_objective(accelerator, model, out):
+    """Back-propagates an objective's loss, or each chunk of a two-pass objective in turn (the chunk's forward with
+    grad runs here, under the same autocast, so DDP sees one forward per backward); the gradients are all-reduced
+    once, with the last."""
+    terms = out.backward_terms()
+    for i, term in enumerate(terms):
+        with held_gradient_sync(accelerator, model) if i < len(terms) - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                value = term().mean()
+            accelerator.backward(value)
 
 
 class MetricsLog:
@@ -680,8 +735,7 @@ def train(args, accelerator, arch: Architecture, data):
                     cond, null_cond = arch.encode_conditioning(batch, device)
                 with accelerator.autocast():
                     out = objective(policy, reference, z0, cond, null_cond, cfg)
-                loss = out.loss.mean()
-                accelerator.backward(loss)
+                backward_objective(accelerator, unet, out)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
