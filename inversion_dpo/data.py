@@ -174,12 +174,19 @@ class PreferencePairs(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        rng = self.augmentation_rng(index)
+        return self.load(index, self.draw_flip(rng), rng)
+
+    def draw_flip(self, rng: random.Random) -> bool:
+        """The pair's shared flip: the first draw of its augmentation stream (a cache picks its stored flip so)."""
+        return self.hflip and rng.random() < 0.5
+
+    def load(self, index, flip: bool, rng: Optional[random.Random] = None):
+        """Pair ``index`` with the given flip; ``rng`` draws the random crop (center crop without it)."""
         row = self.dataset[index]
         c = self.columns
         winner_first = float(row[c.label_0]) == 1.0
         names = (c.image_0, c.image_1) if winner_first else (c.image_1, c.image_0)
-        rng = self.augmentation_rng(index)
-        flip = self.hflip and rng.random() < 0.5
         pixels, sizes, crops = [], [], []
         for name in names:
             image = to_pil(row[name], self.base_dir, f"dataset '{self.source}', row {index}, column '{name}'")

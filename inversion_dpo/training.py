@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import cache as inversion_cache
 from .data import DataError, PairColumns, PreferencePairs, check_columns, collate_pairs, drop_ties, load_pairs_dataset
 from .ddim import ddim_grid
 from .objectives import (
@@ -27,6 +28,7 @@ from .objectives import (
     OBJECTIVES,
     TIMESTEP_WEIGHTINGS,
     ObjectiveConfig,
+    inversion_policy,
 )
 
 
@@ -131,6 +133,28 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         "samples one step and the sigmoid takes w_i m_i, whose mean is the trajectory margin (Diffusion-DPO's "
         "per-timestep form, a Jensen upper bound of the trajectory loss): 2 policy rows with grad per pair.",
     )
+    g.add_argument(
+        "--inversion_cache",
+        default=None,
+        help="Folder of reference-side caches: the trajectory inputs, targets and reference errors of every pair, "
+        "computed once (missing shards are built first, sharded over the processes) and reused by every run with the "
+        "same model, data and inversion settings; a training step then runs the policy alone.",
+    )
+    g.add_argument("--inversion_cache_only", action="store_true", help="Build the cache, then exit.")
+    g.add_argument(
+        "--cache_steps",
+        type=int,
+        default=None,
+        help="Store K evenly spaced of the N steps (bounds the disk; the margin then sums over those K). Default: all.",
+    )
+    g.add_argument("--inversion_cache_shard_size", type=int, default=64, help="Pairs per cache file.")
+    g.add_argument(
+        "--inversion_cache_dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="Storage of the cached latents and targets (reference errors are float32 either way); float32 "
+        "reproduces an uncached run to float precision at twice the disk.",
+    )
     g.add_argument("--inpo_inversion_steps", type=int, default=10, help="The coarse grid of inpo (official 10).")
     g.add_argument(
         "--inpo_eta",
@@ -203,6 +227,7 @@ def check_args(args):
         "inversion_steps",
         "inpo_inversion_steps",
         "inversion_chunk_steps",
+        "inversion_cache_shard_size",
         "rank",
         "resolution",
         "checkpointing_steps",
@@ -215,6 +240,19 @@ def check_args(args):
     if args.inversion_grad_steps is not None and args.inversion_margin == "step":
         raise SystemExit("error: --inversion_grad_steps samples steps of the trajectory margin; --inversion_margin step "
                          "back-propagates its one step already")  # fmt: skip
+    if args.inversion_cache:
+        if args.objective != "inversion_dpo":
+            raise SystemExit(
+                f"error: --inversion_cache holds inversion_dpo's reference side; --objective is {args.objective}"
+            )
+        if args.random_crop:
+            raise SystemExit(
+                "error: --random_crop cannot be cached (the crops are not enumerable); drop one of the two"
+            )
+    elif args.inversion_cache_only:
+        raise SystemExit("error: --inversion_cache_only needs --inversion_cache DIR")
+    if args.cache_steps is not None and args.cache_steps < 1:
+        raise SystemExit(f"error: --cache_steps must be at least 1, got {args.cache_steps}")
     if args.resolution % 8:
         raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
     args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
@@ -590,6 +628,27 @@ def make_denoisers(accelerator, unet, weight_dtype):
     return policy, reference
 
 
+def prepare_inversion_cache(args, accelerator, arch, pairs, cfg, reference):
+    """Finds (or builds, sharded over the processes) the cache of this run's key; returns the cached dataset."""
+    device = accelerator.device
+    with torch.no_grad():
+        probe, _ = arch.encode_conditioning(inversion_cache.probe_batch(args.resolution), device)
+    probe = inversion_cache.flatten_cond(probe)
+    key = inversion_cache.cache_key(
+        args, arch, pairs, cfg, inversion_cache.tensors_fingerprint(probe.values()), weight_dtype_of(accelerator)
+    )
+    cache = inversion_cache.InversionCache.locate(args.inversion_cache, key, args.inversion_cache_shard_size)
+    size = args.resolution // 2 ** (len(arch.vae.config.block_out_channels) - 1)
+    latent_shape = (arch.vae.config.latent_channels, size, size)
+    bytes_per_pair = cache.bytes_per_pair(latent_shape, sum(v[0].numel() for v in probe.values()))
+
+    def encode(batch):
+        return encode_latents(arch.vae, batch["pixel_values"]), *arch.encode_conditioning(batch, device)
+
+    inversion_cache.build(cache, accelerator, pairs, encode, reference, cfg, args.train_batch_size, bytes_per_pair)
+    return inversion_cache.CachedPairs(cache, pairs)
+
+
 @contextlib.contextmanager
 def held_gradient_sync(accelerator, model):
     """For every backward of a micro-step but the last: DDP does not all-reduce (``no_sync``) and DeepSpeed neither
@@ -660,13 +719,21 @@ def train(args, accelerator, arch: Architecture, data):
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     unet = arch.unet
 
-    # 1. Data (loaded by the script before the models, so bad data fails fast)
+    # 1. Data (loaded by the script before the models, so bad data fails fast); with a cache, its reference side
     pairs, data_counts = data
+    cfg = objective_config(args, arch.noise_scheduler, device)
+    if args.inversion_cache:
+        pairs = prepare_inversion_cache(
+            args, accelerator, arch, pairs, cfg, make_denoisers(accelerator, unet, weight_dtype)[1]
+        )
+        if args.inversion_cache_only:
+            accelerator.end_training()
+            return {"cache": pairs.cache.folder}
     dataloader = torch.utils.data.DataLoader(
         pairs,
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=collate_pairs,
+        collate_fn=inversion_cache.collate_cached if args.inversion_cache else collate_pairs,
         num_workers=args.dataloader_num_workers,
         drop_last=False,
         # its own generator: iterating never draws from the global RNG that the objectives' noise comes from, so a
@@ -695,7 +762,15 @@ def train(args, accelerator, arch: Architecture, data):
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     policy, reference = make_denoisers(accelerator, unet, weight_dtype)
     objective = OBJECTIVES[args.objective]
-    cfg = objective_config(args, arch.noise_scheduler, device)
+
+    def objective_on(batch):
+        if args.inversion_cache:  # the policy alone: no VAE, no text encoder, no reference
+            ref, cond = inversion_cache.cached_inversion_steps(batch, pairs.cache.steps)
+            return inversion_policy(policy, ref, cond, cfg)
+        with torch.no_grad():
+            z0 = encode_latents(arch.vae, batch["pixel_values"])
+            cond, null_cond = arch.encode_conditioning(batch, device)
+        return objective(policy, reference, z0, cond, null_cond, cfg)
 
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -730,11 +805,8 @@ def train(args, accelerator, arch: Architecture, data):
             epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    z0 = encode_latents(arch.vae, batch["pixel_values"])
-                    cond, null_cond = arch.encode_conditioning(batch, device)
                 with accelerator.autocast():
-                    out = objective(policy, reference, z0, cond, null_cond, cfg)
+                    out = objective_on(batch)
                 backward_objective(accelerator, unet, out)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
