@@ -221,6 +221,10 @@ class InversionCache:
         return len(self.flips) * 2 * (len(self.steps) * per_step + 4 * cond_numel)
 
 
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
 def _dump_json(path, value):
     with open(path, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
@@ -313,7 +317,7 @@ def build(cache: InversionCache, accelerator, pairs, encode, reference, cfg, bat
         total = bytes_per_pair * cache.num_pairs
         logger.info(
             f"inversion cache {cache.folder}: {cache.num_pairs} pairs x {len(cache.flips)} flips x "
-            f"{len(cache.steps)} steps, {total / 2**30:.3f} GiB at most on disk; "
+            f"{len(cache.steps)} steps, {_size(total)} at most on disk; "
             + (f"building {len(missing)} of {cache.num_shards} shards" if missing else "complete, reused")
         )
     accelerator.wait_for_everyone()

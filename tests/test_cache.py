@@ -59,7 +59,7 @@ def test_each_key_has_its_folder_and_a_rerun_reuses_it(runs):
     out, args, cache, caches, stderr = runs
     folders = sorted(os.listdir(caches))
     assert len(folders) == 2  # float32 and float16: two keys, two folders
-    assert "building 3 of 3 shards" in stderr and "GiB at most on disk" in stderr
+    assert "building 3 of 3 shards" in stderr and "MiB at most on disk" in stderr
     half = next(
         os.path.join(caches, f) for f in folders if "float16" in open(os.path.join(caches, f, "cache.json")).read()
     )
