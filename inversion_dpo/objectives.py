@@ -247,7 +247,13 @@ def invert_pairs(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig,
             latents = torch.cat([z0[None], latents[:-1]])  # x_{i-1}: the inversion's own inputs
         x = rounded(latents[steps, rows])  # [K, 2B, C, H, W]
         t = grid.timesteps[steps]
-        eps_ref = reference(x.flatten(0, 1), t.flatten(), tile_cond(cond, len(steps))).view_as(x)
+        # in chunks, as the policy side: one no-grad forward of all K steps would hold K steps' activations
+        eps_ref = torch.cat(
+            [
+                reference(x[c].flatten(0, 1), t[c].flatten(), tile_cond(cond, len(c)))
+                for c in _chunks(list(range(len(steps))), cfg.inversion_chunk_steps or len(steps))
+            ]
+        ).view_as(x)
         if cfg.inversion_target == "reference":
             return InversionSteps(steps, x, None, None, eps_ref)
         if cfg.inversion_target == "step":

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -796,6 +797,7 @@ def train(args, accelerator, arch: Architecture, data):
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     sums, micro_steps, last = {}, 0, {}
+    step_started = time.perf_counter()  # per-step wall time, without checkpoints and validation
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
@@ -827,6 +829,9 @@ def train(args, accelerator, arch: Architecture, data):
                 progress.update(1)
                 last = {k: v / micro_steps for k, v in sums.items()}
                 last.update(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0])
+                last["seconds"] = time.perf_counter() - step_started
+                if torch.cuda.is_available():
+                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 sums, micro_steps = {}, 0
                 metrics_log.write(last)
                 accelerator.log({k: v for k, v in last.items() if k != "step"}, step=global_step)
@@ -847,6 +852,7 @@ def train(args, accelerator, arch: Architecture, data):
                         accelerator,
                         global_step,
                     )
+                step_started = time.perf_counter()
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
