@@ -8,8 +8,8 @@ The real architectures are built from their published configs (written below) on
 have shapes and dtypes but no storage. One training step of a pair (batch 1) then runs there through the trainer's
 own code (``prepare_unet``, ``make_denoisers``, ``encode_latents``, the objectives, ``backward_objective``), and
 ``inversion_dpo/memory.py`` counts the tensor storages it creates: activations, gradients and temporaries. To that
-are added the weights (UNet in fp16, VAE and text encoders in fp16, SDXL's VAE in fp32 as its config asks, unless
-the reference-side cache makes them unnecessary during training) and AdamW's state for the LoRA (8 bytes per
+are added the weights (UNet, VAE and text encoders in fp16, SDXL's VAE in fp32 as its config asks; the trainer keeps
+them loaded with the cache too, for validation) and AdamW's state for the LoRA (8 bytes per
 parameter; 2 with 8-bit Adam). Attention is counted as memory-efficient attention keeps it on a GPU (output and
 log-sum-exp, not the attention matrix), which is what PyTorch's SDPA runs there.
 
@@ -18,6 +18,7 @@ fragmentation, and kernel workspaces come on top. Read the "fits" columns with t
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -34,44 +35,54 @@ import torch.nn.functional as F  # noqa: E402
 GiB = 2**30
 
 # The published configs (stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0), what differs from diffusers' defaults
-SD15_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-)
-SDXL_UNET = dict(
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=512,
-)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
-OPENCLIP_BIGG = dict(
-    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280
-)
+SD15_UNET = {
+    "sample_size": 64,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+SDXL_UNET = {
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+}
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12}
+OPENCLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
 MODELS = {
-    "SD 1.5": dict(unet=SD15_UNET, resolution=512, texts=[CLIP_L], vae_fp32=False, scaling=0.18215),
-    "SDXL": dict(unet=SDXL_UNET, resolution=1024, texts=[CLIP_L, OPENCLIP_BIGG], vae_fp32=True, scaling=0.13025),
+    "SD 1.5": {"unet": SD15_UNET, "resolution": 512, "texts": [CLIP_L], "vae_fp32": False, "scaling": 0.18215},
+    "SDXL": {
+        "unet": SDXL_UNET,
+        "resolution": 1024,
+        "texts": [CLIP_L, OPENCLIP_BIGG],
+        "vae_fp32": True,
+        "scaling": 0.13025,
+    },
 }
 
 
@@ -120,22 +131,28 @@ def conditioning(spec, texts, dtype):
 
 
 def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=torch.float16, rank=8):
-    """Peak bytes of one training step of one pair, and the LoRA's parameter count."""
+    """Peak bytes of the encoding and of the UNet part of one training step of one pair; LoRA and weight sizes."""
     from diffusers import DDIMScheduler
 
     from inversion_dpo.memory import PeakTensorMemory
     from inversion_dpo.objectives import OBJECTIVES, InversionSteps, inversion_policy
-    from inversion_dpo.training import backward_objective, encode_latents, make_denoisers, objective_config
-    from inversion_dpo.training import prepare_unet  # noqa: I001
+    from inversion_dpo.training import (
+        backward_objective,
+        encode_latents,
+        make_denoisers,
+        objective_config,
+        prepare_unet,
+    )
 
     unet, vae, texts = build(spec, dtype)
     options = SimpleNamespace(rank=rank, gradient_checkpointing=gradient_checkpointing,
                               enable_xformers_memory_efficient_attention=False)  # fmt: skip
     unet = prepare_unet(unet, options, dtype, "meta")
     lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, sync_gradients=True, autocast=_autocast,
-                                  backward=lambda loss: loss.backward(), no_sync=lambda m: _autocast())  # fmt: skip
-    accelerator.gradient_state = SimpleNamespace(_set_sync_gradients=lambda value: None)
+    # a single process: what backward_objective and make_denoisers use of an accelerator
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, sync_gradients=True, autocast=contextlib.nullcontext,
+                                  backward=lambda loss: loss.backward(), no_sync=lambda m: contextlib.nullcontext(),
+                                  gradient_state=SimpleNamespace(_set_sync_gradients=lambda value: None))  # fmt: skip
     policy, reference = make_denoisers(accelerator, unet, dtype)
     args = SimpleNamespace(beta_dpo=5000.0, loss_type="sigmoid", inversion_steps=20, inversion_guidance_scale=1.0,
                            inversion_target="step", inversion_grad_steps=None, inversion_chunk_steps=1,
@@ -146,30 +163,26 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     cfg = objective_config(args, scheduler, "meta")
     size = spec["resolution"] // 8
-    with PeakTensorMemory() as memory:
-        if cached:  # the batch as read from the cache: [K, 2, 4, h, w] inputs and targets in fp16, no encoders
+    with torch.no_grad(), PeakTensorMemory() as encoding:  # the VAE and text encoders: not needed with the cache
+        images = torch.zeros(1, 2, 3, spec["resolution"], spec["resolution"], device="meta")
+        z0 = None if cached else encode_latents(vae, images)
+        cond, null = conditioning(spec, texts, dtype)
+    with PeakTensorMemory() as step:
+        if cached:  # the batch as read from the cache: [K, 2, 4, h, w] inputs and targets, float16 on disk
             K, x = args.inversion_steps, torch.zeros(args.inversion_steps, 2, 4, size, size, device="meta")
-            with torch.no_grad():
-                cond, _ = conditioning(spec, texts, dtype)  # (read from the cache in training; its size counts)
             steps = torch.zeros(K, 2, dtype=torch.long, device="meta")
             ref = InversionSteps(steps, x.half().float(), x.half().float(), torch.zeros(K, 2, device="meta"), None)
             out = inversion_policy(policy, ref, cond, cfg)
         else:
-            with torch.no_grad():
-                images = torch.zeros(1, 2, 3, spec["resolution"], spec["resolution"], device="meta")
-                z0 = encode_latents(vae, images)
-                cond, null = conditioning(spec, texts, dtype)
             out = OBJECTIVES[args.objective](policy, reference, z0, cond, null, cfg)
         backward_objective(accelerator, unet, out)
-    return memory.peak, lora, nbytes(unet), nbytes(vae) + sum(nbytes(t) for t in texts)
-
-
-class _autocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return {
+        "encode": 0 if cached else encoding.peak,
+        "step": step.peak,
+        "lora": lora,
+        "unet": nbytes(unet),
+        "others": nbytes(vae) + sum(nbytes(t) for t in texts),
+    }
 
 
 def main():
@@ -178,33 +191,39 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     F.scaled_dot_product_attention = efficient_attention
-    rows = [
-        ("diffusion_dpo", {"objective": "diffusion_dpo"}, False),
-        ("inversion_dpo N=20, one graph", {"objective": "inversion_dpo", "inversion_chunk_steps": 20}, False),
-        ("inversion_dpo N=20, two-pass", {"objective": "inversion_dpo"}, False),
-        ("inversion_dpo N=20, per-step margin", {"objective": "inversion_dpo", "inversion_margin": "step"}, False),
-        ("inversion_dpo N=5, two-pass, cache", {"objective": "inversion_dpo", "inversion_steps": 5}, True),
-        ("inversion_dpo N=50, two-pass, cache", {"objective": "inversion_dpo", "inversion_steps": 50}, True),
-        ("inversion_dpo N=50, per-step margin, cache",
-         {"objective": "inversion_dpo", "inversion_steps": 50, "inversion_margin": "step"}, True),
+    inv = {"objective": "inversion_dpo"}
+    rows = [  # (objective, its flags, from the cache, gradient checkpointing)
+        ("diffusion_dpo", {"objective": "diffusion_dpo"}, False, True),
+        ("diffusion_dpo", {"objective": "diffusion_dpo"}, False, False),
+        ("inversion_dpo N=20, one graph", {**inv, "inversion_chunk_steps": 20}, False, True),
+        ("inversion_dpo N=20, per-step margin", {**inv, "inversion_margin": "step"}, False, True),
+        ("inversion_dpo N=5, two-pass, cache", {**inv, "inversion_steps": 5}, True, True),
+        ("inversion_dpo N=50, two-pass, cache", {**inv, "inversion_steps": 50}, True, True),
+        ("inversion_dpo N=50, per-step margin, cache", {**inv, "inversion_steps": 50, "inversion_margin": "step"},
+         True, True),
+        ("inversion_dpo N=50, per-step margin, cache", {**inv, "inversion_steps": 50, "inversion_margin": "step"},
+         True, False),
     ]  # fmt: skip
-    print("| model | objective | gradient checkpointing | training peak (computed) | weights | total, AdamW | "
-          "total, 8-bit Adam | fits 8 / 12 / 16 / 24 GB (8-bit Adam) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | objective | gradient checkpointing | VAE + text encoding | UNet step | weights | "
+          "total, AdamW | total, 8-bit Adam | fits 8 / 12 / 16 / 24 GiB (8-bit Adam) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     started = time.time()
     for model, spec in MODELS.items():
         if args.quick and model != "SD 1.5":
             continue
-        for checkpointing in (True, False):
-            for name, flags, cached in rows:
-                peak, lora, unet_bytes, other_bytes = step_memory(spec, flags, checkpointing, cached)
-                weights = unet_bytes + (0 if cached else other_bytes)
-                adam, adam8 = weights + peak + 8 * lora, weights + peak + 2 * lora
-                fits = " / ".join("yes" if adam8 <= gb * 10**9 else "no" for gb in (8, 12, 16, 24))
-                print(f"| {model} {spec['resolution']} px | {name} | {'on' if checkpointing else 'off'} | "
-                      f"{peak / GiB:.2f} GiB | {weights / GiB:.2f} GiB | {adam / GiB:.2f} GiB | {adam8 / GiB:.2f} GiB | "
-                      f"{fits} |", flush=True)  # fmt: skip
-    print(f"\n(LoRA rank 8 on the attention projections; batch 1 pair; computed in {time.time() - started:.0f} s)")
+        for name, flags, cached, checkpointing in rows:
+            m = step_memory(spec, flags, checkpointing, cached)
+            weights = m["unet"] + m["others"]  # the trainer keeps the VAE and text encoders loaded (validation)
+            peak = max(m["encode"], m["step"])
+            adam, adam8 = weights + peak + 8 * m["lora"], weights + peak + 2 * m["lora"]
+            fits = " / ".join("yes" if adam8 <= gb * GiB else "no" for gb in (8, 12, 16, 24))
+            print(f"| {model} {spec['resolution']} px | {name} | {'on' if checkpointing else 'off'} | "
+                  f"{m['encode'] / GiB:.2f} GiB | {m['step'] / GiB:.2f} GiB | {weights / GiB:.2f} GiB | "
+                  f"{adam / GiB:.2f} GiB | {adam8 / GiB:.2f} GiB | {fits} |", flush=True)  # fmt: skip
+    print(
+        f"\n(LoRA rank 8 on the attention projections, {m['lora'] / 1e6:.1f} M parameters for the last model; "
+        f"batch 1 pair; fp16 weights; computed in {time.time() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

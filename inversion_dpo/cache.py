@@ -265,7 +265,7 @@ def unflatten_cond(flat: Dict[str, torch.Tensor]) -> dict:
 
 def _pair_major(v: torch.Tensor, B: int) -> torch.Tensor:
     """[K, 2B, ...] (steps, winners then losers) -> [B, 2, K, ...]."""
-    return v.reshape(v.shape[0], 2, B, *v.shape[2:]).transpose(0, 2)
+    return v.reshape(v.shape[0], 2, B, *v.shape[2:]).transpose(0, 2).contiguous()
 
 
 def _shared(v: torch.Tensor) -> torch.Tensor:

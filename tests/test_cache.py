@@ -112,3 +112,43 @@ def test_cache_flags_that_cannot_work_are_refused():
             parse_args(base + extra)
     with pytest.raises(SystemExit, match="needs --inversion_cache"):
         parse_args(base[:4] + ["--inversion_cache_only"])
+
+
+def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
+    # what build_shard stores ([pairs, flips, (winner, loser), K, ...], shared conditioning cut to size 1) and what
+    # CachedPairs and a training batch read back ([K, 2B, ...], winners then losers; SDXL's nested conditioning)
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from inversion_dpo.cache import (
+        CachedPairs,
+        InversionCache,
+        _pair_major,
+        _shared,
+        cached_inversion_steps,
+        collate_cached,
+        flatten_cond,
+    )
+
+    K, B = 3, 2
+    x = torch.randn(K, 2 * B, 4, 2, 2)
+    ref_error = torch.randn(K, 2 * B)
+    states = torch.randn(B, 5, 8).repeat(2, 1, 1)  # one caption per pair, the same for winner and loser
+    cond = {"encoder_hidden_states": states, "added_cond_kwargs": {"time_ids": torch.randn(2 * B, 6)}}
+    key = {"data": {"pairs": B, "flips": [False]}, "inversion": {"stored_steps": [4, 7, 9]}, "storage": "float32"}
+    cache = InversionCache(str(tmp_path), key, shard_size=B)
+    stored = {"x": _pair_major(x, B)[:, None], "ref_error": _pair_major(ref_error, B)[:, None]}  # one flip
+    for k, v in flatten_cond(cond).items():
+        stored[k] = _shared(v.reshape(2, B, *v.shape[1:]).transpose(0, 1)[:, None])
+    assert stored["cond.encoder_hidden_states"].shape == (B, 1, 1, 5, 8)  # stored once per pair
+    assert stored["cond.added_cond_kwargs.time_ids"].shape == (B, 1, 2, 6)  # per image
+    save_file(stored, cache.shard_path(0), {"hash": cache.hash})
+
+    pairs = SimpleNamespace(draw_flip=lambda rng: False, augmentation_rng=lambda index: None, epoch=0)
+    dataset = CachedPairs(cache, pairs)
+    ref, read_cond = cached_inversion_steps(collate_cached([dataset[b] for b in range(B)]), cache.steps)
+    assert torch.equal(ref.x, x) and torch.equal(ref.ref_error, ref_error) and ref.target is None
+    assert ref.steps.tolist() == [[4] * 4, [7] * 4, [9] * 4]
+    assert torch.equal(read_cond["encoder_hidden_states"], states)
+    assert torch.equal(read_cond["added_cond_kwargs"]["time_ids"], cond["added_cond_kwargs"]["time_ids"])
