@@ -8,8 +8,8 @@ The real architectures are built from their published configs (written below) on
 have shapes and dtypes but no storage. One training step of a pair (batch 1) then runs there through the trainer's
 own code (``prepare_unet``, ``make_denoisers``, ``encode_latents``, the objectives, ``backward_objective``), and
 ``inversion_dpo/memory.py`` counts the tensor storages it creates: activations, gradients and temporaries. To that
-are added the weights (UNet, VAE and text encoders in fp16, SDXL's VAE in fp32 as its config asks; the trainer keeps
-them loaded with the cache too, for validation) and AdamW's state for the LoRA (8 bytes per
+are added the weights (UNet, VAE and text encoders in fp16, SDXL's VAE in fp32 as its config asks; a run from the
+cache without validation prompts moves the VAE and text encoders to the CPU) and AdamW's state for the LoRA (8 bytes per
 parameter; 2 with 8-bit Adam). Attention is counted as memory-efficient attention keeps it on a GPU (output and
 log-sum-exp, not the attention matrix), which is what PyTorch's SDPA runs there.
 
@@ -213,7 +213,8 @@ def main():
             continue
         for name, flags, cached, checkpointing in rows:
             m = step_memory(spec, flags, checkpointing, cached)
-            weights = m["unet"] + m["others"]  # the trainer keeps the VAE and text encoders loaded (validation)
+            # from the cache and without validation prompts, the trainer moves the VAE and text encoders to the CPU
+            weights = m["unet"] + (0 if cached else m["others"])
             peak = max(m["encode"], m["step"])
             adam, adam8 = weights + peak + 8 * m["lora"], weights + peak + 2 * m["lora"]
             fits = " / ".join("yes" if adam8 <= gb * GiB else "no" for gb in (8, 12, 16, 24))

@@ -44,7 +44,7 @@ from .objectives import InversionSteps, ObjectiveConfig, invert_pairs
 
 logger = logging.getLogger("inversion_dpo")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: one tensor per pair in a shard
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 KEY_FILE = "cache.json"
 
@@ -276,6 +276,12 @@ def _shared(v: torch.Tensor) -> torch.Tensor:
     return v.contiguous()
 
 
+def per_pair(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``{"x.3": [F, 2, ...], ...}``: one tensor per pair, so that reading a pair reads that pair alone (safetensors
+    materialises a whole tensor to slice it)."""
+    return {f"{name}.{j}": v[j].clone() for name, v in tensors.items() for j in range(v.shape[0])}
+
+
 @torch.no_grad()
 def build_shard(cache: InversionCache, shard: int, pairs, encode, reference, cfg, batch_size: int, autocast):
     """Inverts the shard's pairs (every stored flip) and writes them; ``encode(batch) -> (z0, cond, null_cond)``."""
@@ -303,6 +309,7 @@ def build_shard(cache: InversionCache, shard: int, pairs, encode, reference, cfg
         per_flip.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
     tensors = {k: torch.stack([f[k] for f in per_flip], dim=1) for k in per_flip[0]}  # [S, F, 2, ...]
     tensors.update({k: _shared(v) for k, v in tensors.items() if k.startswith("cond.")})
+    tensors = per_pair(tensors)
     metadata = {"hash": cache.hash, "first_pair": str(first), "num_pairs": str(last - first)}
     _atomic_write(cache.shard_path(shard), lambda tmp: save_file(tensors, tmp, metadata), suffix=f"-{os.getpid()}")
 
@@ -372,8 +379,11 @@ class CachedPairs(torch.utils.data.Dataset):
         handle = self._handle(shard)
         f = self.cache.flips.index(flip)
         item = {"cond": {}}
-        for name in handle.keys():
-            value = handle.get_slice(name)[row]  # [F, 2, ...], or 1 where shared
+        suffix = f".{row}"
+        for key in handle.keys():
+            if not key.endswith(suffix):
+                continue
+            name, value = key[: -len(suffix)], handle.get_tensor(key)  # [F, 2, ...], or 1 where shared
             value = value[min(f, value.shape[0] - 1)]
             value = value.expand(2, *value.shape[1:])
             if name.startswith("cond."):

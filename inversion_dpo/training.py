@@ -250,8 +250,8 @@ def check_args(args):
             raise SystemExit(
                 "error: --random_crop cannot be cached (the crops are not enumerable); drop one of the two"
             )
-    elif args.inversion_cache_only:
-        raise SystemExit("error: --inversion_cache_only needs --inversion_cache DIR")
+    elif args.inversion_cache_only or args.cache_steps is not None:
+        raise SystemExit("error: --inversion_cache_only and --cache_steps need --inversion_cache DIR")
     if args.cache_steps is not None and args.cache_steps < 1:
         raise SystemExit(f"error: --cache_steps must be at least 1, got {args.cache_steps}")
     if args.resolution % 8:
@@ -578,6 +578,7 @@ class Architecture:
     # (batch, device) -> (cond, null_cond): dicts of UNet keyword arguments with 2B rows (winners, then losers)
     encode_conditioning: Callable
     make_pipeline: Callable  # unet -> pipeline for sampling
+    text_encoders: tuple = ()  # with the VAE, what a run from the cache does not need (unless it validates)
 
 
 def encode_latents(vae, pixel_values):
@@ -730,6 +731,9 @@ def train(args, accelerator, arch: Architecture, data):
         if args.inversion_cache_only:
             accelerator.end_training()
             return {"cache": pairs.cache.folder}
+        if not args.validation_prompts:  # nothing will run them again: give their memory back to the UNet
+            for frozen in (arch.vae, *arch.text_encoders):
+                frozen.to("cpu")
     dataloader = torch.utils.data.DataLoader(
         pairs,
         batch_size=args.train_batch_size,

@@ -65,10 +65,10 @@ def test_each_key_has_its_folder_and_a_rerun_reuses_it(runs):
     )
     shards = sorted(f for f in os.listdir(half) if f.startswith("shard-"))
     assert shards == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
-    # the flips are stored: x is [pairs, flips, (winner, loser), steps, C, H, W]; the caption is stored once
+    # the flips are stored: the second pair's x is [flips, (winner, loser), steps, C, H, W]; the caption is stored once
     tensors = load_file(os.path.join(half, shards[0]))
-    assert tensors["x"].shape[:4] == (2, 2, 2, 3) and tensors["x"].dtype == torch.float16
-    assert tensors["cond.encoder_hidden_states"].shape[1:3] == (1, 1)
+    assert tensors["x.1"].shape[:3] == (2, 2, 3) and tensors["x.1"].dtype == torch.float16
+    assert tensors["cond.encoder_hidden_states.1"].shape[:2] == (1, 1)
 
     mtimes = {f: os.path.getmtime(os.path.join(half, f)) for f in shards}
     proc = run(SCRIPT, args + cache + ["--output_dir", out["float16"] + "-again", "--inversion_cache_only"])
@@ -110,8 +110,9 @@ def test_cache_flags_that_cannot_work_are_refused():
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_args(base + extra)
-    with pytest.raises(SystemExit, match="needs --inversion_cache"):
-        parse_args(base[:4] + ["--inversion_cache_only"])
+    for extra in (["--inversion_cache_only"], ["--cache_steps", "4"]):
+        with pytest.raises(SystemExit, match="need --inversion_cache"):
+            parse_args(base[:4] + extra)
 
 
 def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
@@ -129,6 +130,7 @@ def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
         cached_inversion_steps,
         collate_cached,
         flatten_cond,
+        per_pair,
     )
 
     K, B = 3, 2
@@ -143,7 +145,7 @@ def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
         stored[k] = _shared(v.reshape(2, B, *v.shape[1:]).transpose(0, 1)[:, None])
     assert stored["cond.encoder_hidden_states"].shape == (B, 1, 1, 5, 8)  # stored once per pair
     assert stored["cond.added_cond_kwargs.time_ids"].shape == (B, 1, 2, 6)  # per image
-    save_file(stored, cache.shard_path(0), {"hash": cache.hash})
+    save_file(per_pair(stored), cache.shard_path(0), {"hash": cache.hash})
 
     pairs = SimpleNamespace(draw_flip=lambda rng: False, augmentation_rng=lambda index: None, epoch=0)
     dataset = CachedPairs(cache, pairs)

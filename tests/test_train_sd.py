@@ -15,11 +15,27 @@ OBJECTIVES = [
     ["--objective", "diffusion_dpo", "--use_8bit_adam", "--gradient_checkpointing"],
     ["--objective", "inversion_dpo", "--inversion_target", "reference"],
     ["--objective", "inversion_dpo", "--inversion_target", "step", "--inversion_guidance_scale", "2"],
-    ["--objective", "inversion_dpo", "--inversion_target", "x0", "--timestep_weighting", "uniform",
-     "--inversion_margin", "step"],
+    [
+        "--objective",
+        "inversion_dpo",
+        "--inversion_target",
+        "x0",
+        "--timestep_weighting",
+        "uniform",
+        "--inversion_margin",
+        "step",
+    ],
     ["--objective", "inpo", "--inpo_eta", "0.1", "--loss_type", "hinge"],
-    ["--objective", "sft", "--mixed_precision", "bf16", "--validation_prompts", "a red circle",
-     "--validation_num_inference_steps", "2"],
+    [
+        "--objective",
+        "sft",
+        "--mixed_precision",
+        "bf16",
+        "--validation_prompts",
+        "a red circle",
+        "--validation_num_inference_steps",
+        "2",
+    ],
 ]
 
 
