@@ -3,7 +3,7 @@
 and one data set in one run: wall seconds, UNet rows with and without grad, and peak tensor memory of training, each
 also as a ratio to Diffusion-DPO (= 1.00); then peak memory against the number of inversion steps N.
 
-    OMP_NUM_THREADS=1 python benchmarks/cost_per_pair.py            # models/shapes-sd-tiny on shapes pairs (~15 min)
+    OMP_NUM_THREADS=1 python benchmarks/cost_per_pair.py            # models/shapes-sd-tiny on shapes pairs (~22 min)
     OMP_NUM_THREADS=1 python benchmarks/cost_per_pair.py --tiny     # a tiny random SD and random pairs (stand-ins)
 
 Every configuration runs the real trainer (``train_inversion_dpo.py``'s ``main``, flags as a user gives them) in a
