@@ -159,7 +159,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         source: str = "",
         random_crop: bool = False,
         seed: int = 0,
-        hflip: bool = True,
+        hflip: bool = False,
     ):
         self.dataset, self.columns, self.resolution = dataset, columns, resolution
         self.base_dir, self.source, self.random_crop, self.hflip = base_dir, source, random_crop, hflip

@@ -60,9 +60,10 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     g.add_argument("--resolution", type=int, default=default_resolution)
     g.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
     g.add_argument(
-        "--no_hflip",
+        "--random_flip",
         action="store_true",
-        help="Turn off the random horizontal flip (one flip is shared by both images of a pair).",
+        help="Random horizontal flips (one flip shared by both images of a pair). Off by default: a flip makes a "
+        "caption that says left or right wrong.",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g = p.add_argument_group("objective")
@@ -591,7 +592,7 @@ def load_pairs(args, accelerator):
         base_dir=base_dir,
         source=args.dataset_name,
         random_crop=args.random_crop,
-        hflip=not args.no_hflip,
+        hflip=args.random_flip,
         seed=args.seed or 0,
     )
     return pairs, {"rows": num_rows, "ties_dropped": num_ties, "pairs": len(dataset)}
