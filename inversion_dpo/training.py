@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -144,6 +145,12 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
     g.add_argument(
+        "--lora_target_modules",
+        default=",".join(LORA_TARGET_MODULES),
+        help="Comma-separated UNet module names (peft suffix match) that get LoRA: the attention projections by "
+        "default; add e.g. conv1,conv2,proj_in,proj_out for the ResNet convolutions and the transformer projections.",
+    )
+    g.add_argument(
         "--mixed_precision",
         default=None,
         choices=["no", "fp16", "bf16"],
@@ -258,6 +265,10 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def lora_targets(args) -> List[str]:
+    return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+
 def prepare_unet(unet, args, weight_dtype, device):
     """Freezes the UNet, adds the LoRA adapter ("default") on its attention projections, keeps LoRA in fp32."""
     from diffusers.training_utils import cast_training_params
@@ -266,7 +277,7 @@ def prepare_unet(unet, args, weight_dtype, device):
     unet.requires_grad_(False)
     unet.to(device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     unet.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=lora_targets(args))
     )
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)
@@ -543,15 +554,37 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
     )
 
 
-def make_denoisers(accelerator, unet, weight_dtype):
+class UNetCounter:
+    """Rows (samples) the UNet was run on, with and without grad: the compute an objective spends."""
+
+    def __init__(self):
+        self.grad_rows, self.no_grad_rows = 0, 0
+
+    def add(self, x):
+        if torch.is_grad_enabled():
+            self.grad_rows += x.shape[0]
+        else:
+            self.no_grad_rows += x.shape[0]
+
+    def take(self):
+        """(rows with grad, rows without) since the last call."""
+        out = (self.grad_rows, self.no_grad_rows)
+        self.grad_rows, self.no_grad_rows = 0, 0
+        return out
+
+
+def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounter] = None):
     """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
-    weights with the adapter off: no second copy of the UNet is ever held."""
+    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows."""
     base = accelerator.unwrap_model(unet)
+    counter = counter or UNetCounter()
 
     def policy(x, t, cond):
+        counter.add(x)
         return unet(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
 
     def reference(x, t, cond):
+        counter.add(x)
         base.disable_adapters()
         try:
             return base(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
@@ -639,7 +672,8 @@ def train(args, accelerator, arch: Architecture, data):
     )
     register_lora_hooks(accelerator, arch.pipeline_cls)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    policy, reference = make_denoisers(accelerator, unet, weight_dtype)
+    counter = UNetCounter()
+    policy, reference = make_denoisers(accelerator, unet, weight_dtype, counter)
     objective = OBJECTIVES[args.objective]
     cfg = objective_config(args, arch.noise_scheduler, device)
 
@@ -667,6 +701,7 @@ def train(args, accelerator, arch: Architecture, data):
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     sums, micro_steps, last = {}, 0, {}
+    step_start = time.perf_counter()
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
@@ -693,6 +728,13 @@ def train(args, accelerator, arch: Architecture, data):
             if out.margin is not None:
                 values.update(margin=out.margin, accuracy=(out.margin < 0).float())
             values.update(out.logs)
+            # compute per pair: UNet rows with grad (a forward and a backward, about 3 forwards) and without
+            grad_rows, no_grad_rows = counter.take()
+            num_pairs = z0.shape[0] // 2
+            values.update(
+                unet_grad_evals_per_pair=torch.tensor(grad_rows / num_pairs, device=device),
+                unet_evals_per_pair=torch.tensor(no_grad_rows / num_pairs, device=device),
+            )
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + accelerator.gather(v.float().reshape(-1)).mean().item()
             micro_steps += 1
@@ -701,7 +743,13 @@ def train(args, accelerator, arch: Architecture, data):
                 global_step += 1
                 progress.update(1)
                 last = {k: v / micro_steps for k, v in sums.items()}
-                last.update(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0])
+                # wall-clock of this step's micro-steps, not of the checkpoints and validation that follow it
+                last.update(
+                    step=global_step,
+                    epoch=epoch,
+                    lr=lr_scheduler.get_last_lr()[0],
+                    step_seconds=time.perf_counter() - step_start,
+                )
                 sums, micro_steps = {}, 0
                 metrics_log.write(last)
                 accelerator.log({k: v for k, v in last.items() if k != "step"}, step=global_step)
@@ -722,6 +770,7 @@ def train(args, accelerator, arch: Architecture, data):
                         accelerator,
                         global_step,
                     )
+                step_start = time.perf_counter()
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
