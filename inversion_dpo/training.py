@@ -17,7 +17,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import DataError, PairColumns, PreferencePairs, check_columns, collate_pairs, drop_ties, load_pairs_dataset
+from .data import (
+    DataError,
+    PairColumns,
+    PreferencePairs,
+    check_columns,
+    check_rows,
+    collate_pairs,
+    load_pairs_dataset,
+    raw_images,
+    select_pairs,
+)
 from .ddim import ddim_grid
 from .objectives import INVERSION_TARGETS, LOSS_TYPES, OBJECTIVES, TIMESTEP_WEIGHTINGS, ObjectiveConfig
 
@@ -56,7 +66,19 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         help="1 if the first image is preferred, 0 if the second, 0.5 for a tie (dropped and counted).",
     )
     g.add_argument("--caption_column", default="caption")
-    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N pairs (after ties).")
+    g.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Use only the first N usable pairs (after ties and bad rows).",
+    )
+    g.add_argument(
+        "--max_bad_fraction",
+        type=float,
+        default=0.05,
+        help="Rows that cannot make a pair (unreadable, truncated, tiny or huge image, bad label, missing or empty "
+        "caption) are skipped and counted; more than this fraction of the rows checked stops the run with an error.",
+    )
     g.add_argument("--resolution", type=int, default=default_resolution)
     g.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
     g.add_argument(
@@ -189,6 +211,8 @@ def check_args(args):
         raise SystemExit(f"error: --inversion_grad_steps must be at least 1, got {args.inversion_grad_steps}")
     if args.resolution % 8:
         raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise SystemExit(f"error: --max_bad_fraction must be between 0 and 1, got {args.max_bad_fraction}")
     args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
     return args
 
@@ -573,17 +597,40 @@ class MetricsLog:
 
 
 def load_pairs(args, accelerator):
+    """Loads the pairs and checks every row once (before the models, so bad data fails fast). Skipped rows are
+    counted by reason and listed in <logging_dir>/bad_rows.jsonl. Returns the dataset and the counts."""
     columns = PairColumns(args.image_column_0, args.image_column_1, args.label_column, args.caption_column)
+    error = None
     with accelerator.main_process_first():
-        dataset, base_dir = load_pairs_dataset(
-            args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir
-        )
-    check_columns(dataset, columns, args.dataset_name)
-    num_rows = len(dataset)
-    dataset, num_ties = drop_ties(dataset, columns, args.dataset_name)
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    logger.info(f"{args.dataset_name}: {num_rows} rows, {num_ties} ties dropped, {len(dataset)} pairs used")
+        # the main process goes first (the others then read datasets' cache of a file-backed dataset's check); an
+        # error is raised after the barrier, so that the others are not left waiting at it
+        try:
+            dataset, base_dir = load_pairs_dataset(
+                args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir
+            )
+            check_columns(dataset, columns, args.dataset_name)
+            dataset = raw_images(dataset, columns)
+            check = check_rows(
+                dataset,
+                columns,
+                args.resolution,
+                base_dir,
+                max_pairs=args.max_train_samples,
+                num_proc=args.dataloader_num_workers or None,
+            )
+        except DataError as e:
+            error = e
+    if error is not None:
+        raise error
+    counts = check.counts()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.logging_dir, "bad_rows.jsonl"), "w") as f:
+            for row, reason, message in check.bad:
+                f.write(json.dumps({"row": row, "reason": reason, "message": message}) + "\n")
+        for row, _, message in check.bad[:5]:
+            logger.warning(f"{args.dataset_name}, row {row} skipped: {message}")
+    dataset = select_pairs(dataset, columns, check, args.dataset_name, args.max_bad_fraction)
+    logger.info(f"{args.dataset_name}: {counts}")
     pairs = PreferencePairs(
         dataset,
         columns,
@@ -593,8 +640,9 @@ def load_pairs(args, accelerator):
         random_crop=args.random_crop,
         hflip=not args.no_hflip,
         seed=args.seed or 0,
+        row_ids=check.keep,
     )
-    return pairs, {"rows": num_rows, "ties_dropped": num_ties, "pairs": len(dataset)}
+    return pairs, counts
 
 
 def train(args, accelerator, arch: Architecture, data):
