@@ -9,7 +9,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -17,6 +19,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import (
+    LORA_FILE,
+    OPTIMIZER_FILE,
+    TRAINING_STATE_FILE,
+    decode_tree,
+    fsync_folder,
+    json_tree,
+    load_tree,
+    random_states,
+    random_states_file,
+    save_tree,
+    set_random_states,
+)
 from .data import (
     DataError,
     PairColumns,
@@ -36,6 +51,11 @@ logger = logging.getLogger("inversion_dpo")
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_PREFIX = ".partial-checkpoint-"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, gradient or weight); the message is one line naming the step."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,12 +245,15 @@ def cpu_launch_command(script: str) -> list:
 
 
 def run_cli(main, parse_args):
-    """Runs a script's main; bad input ends in one line naming the problem, not a traceback."""
+    """Runs a script's main; bad input or a diverged run ends in one line naming the problem, not a traceback."""
     try:
         main(parse_args())
-    except DataError as e:
+    except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training started (loading, checking data): nothing to save
+        print("error: interrupted before the first training step; nothing was saved", file=sys.stderr)
+        sys.exit(130)
 
 
 def load_component(cls, model, subfolder, **kwargs):
@@ -337,7 +360,7 @@ def load_lora_into_adapter(unet, pipeline_cls, folder):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    state_dict, _ = pipeline_cls.lora_state_dict(folder)
+    state_dict, _ = pipeline_cls.lora_state_dict(folder, weight_name=LORA_FILE)
     unet_state = convert_unet_state_dict_to_peft(
         {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
     )
@@ -348,7 +371,8 @@ def load_lora_into_adapter(unet, pipeline_cls, folder):
 
 
 def register_lora_hooks(accelerator, pipeline_cls):
-    """accelerate's save_state/load_state write and read the adapter as pytorch_lora_weights.safetensors."""
+    """Under DeepSpeed or FSDP, where the engines shard the optimizer and checkpoints are theirs: accelerate's
+    save_state/load_state write and read the adapter as pytorch_lora_weights.safetensors."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -374,17 +398,78 @@ def list_checkpoints(output_dir) -> List[str]:
     return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)))
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None):
-    """Writes checkpoint-<step> atomically: into a temporary folder that is renamed when complete, so that a crash
-    mid-write never leaves a broken folder for --resume_from_checkpoint latest to pick. Then rotates."""
+def engine_checkpoints(accelerator) -> bool:
+    """DeepSpeed and FSDP shard the optimizer state and write checkpoints in their own (pickled) formats."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def write_training_state(folder, accelerator, unet, pipeline_cls, optimizer, lr_scheduler, step):
+    """A checkpoint's files, none of them a pickle (``inversion_dpo/checkpoint.py``): the main process writes the
+    adapter, optimizer, scheduler and step; every process its random states."""
+    if accelerator.is_main_process:
+        pipeline_cls.save_lora_weights(folder, unet_lora_layers=lora_state_dict_of(accelerator.unwrap_model(unet)))
+        # fault-injection hook for the tests: a slow save, so that a kill -9 can land in the middle of one
+        time.sleep(float(os.environ.get("INVERSION_DPO_TEST_SLOW_SAVE", 0)))
+        save_tree(os.path.join(folder, OPTIMIZER_FILE), optimizer.state_dict())
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {
+            "step": step,
+            "accelerator_step": accelerator.step,
+            "scheduler": json_tree(lr_scheduler.state_dict()),
+            "scaler": json_tree(scaler) if scaler is not None else None,
+        }
+        with open(os.path.join(folder, TRAINING_STATE_FILE), "w") as f:
+            json.dump(state, f)
+    save_tree(os.path.join(folder, random_states_file(accelerator.process_index)), random_states())
+
+
+def read_training_state(folder, accelerator, unet, pipeline_cls, optimizer, lr_scheduler) -> int:
+    """Loads what ``write_training_state`` wrote; returns the step. Nothing is unpickled."""
+    missing = [
+        f for f in (LORA_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE) if not os.path.isfile(os.path.join(folder, f))
+    ]
+    if missing:
+        pickled = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pkl", ".pt"))]
+        raise DataError(
+            f"checkpoint '{folder}' has no {missing[0]}"
+            + (f"; it holds pickles ({', '.join(pickled)}), which this trainer does not load" if pickled else "")
+        )
+    load_lora_into_adapter(accelerator.unwrap_model(unet), pipeline_cls, folder)
+    optimizer.load_state_dict(load_tree(os.path.join(folder, OPTIMIZER_FILE)))
+    with open(os.path.join(folder, TRAINING_STATE_FILE)) as f:
+        state = json.load(f)
+    lr_scheduler.load_state_dict(decode_tree(state["scheduler"], {}))
+    if state["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(decode_tree(state["scaler"], {}))
+    accelerator.step = state["accelerator_step"]
+    rng_file = os.path.join(folder, random_states_file(accelerator.process_index))
+    if os.path.isfile(rng_file):
+        set_random_states(load_tree(rng_file))
+    else:
+        logger.warning(f"{rng_file} missing (more processes than the run that wrote it?): random streams start anew")
+    return int(state["step"])
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, training_state=None):
+    """Writes checkpoint-<step> atomically: into a temporary folder, flushed to disk and renamed when complete, so
+    that a crash or kill -9 mid-write never leaves a broken folder for --resume_from_checkpoint latest to pick. Then
+    rotates. ``training_state``: (unet, pipeline_cls, optimizer, lr_scheduler) for ``write_training_state``."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    partial = os.path.join(output_dir, f".partial-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.exists(partial):
-        shutil.rmtree(partial)
+    partial = os.path.join(output_dir, f"{PARTIAL_PREFIX}{step}")
+    if accelerator.is_main_process:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
+    if training_state is None or engine_checkpoints(accelerator):
+        accelerator.save_state(partial)
+    else:
+        write_training_state(partial, accelerator, *training_state, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_folder(partial)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -394,6 +479,16 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_partial_checkpoints(output_dir):
+    """Removes what a save killed mid-write left behind (never picked by ``latest``)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(PARTIAL_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name))
+            logger.warning(f"removed {name}, a checkpoint whose save was interrupted")
 
 
 def resolve_resume(resume_from_checkpoint, output_dir) -> Optional[str]:
@@ -645,6 +740,71 @@ def load_pairs(args, accelerator):
     return pairs, counts
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any: all processes take the same branch at a collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
+
+
+class StopRequest:
+    """SIGTERM (pre-emption, ``kill``) and SIGINT (Ctrl-C) only set a flag, which the loop reads at the end of an
+    optimizer step: it saves a checkpoint there and stops, never mid-step. A second Ctrl-C stops at once without
+    saving (the last complete checkpoint stays)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.name, self.previous = None, {}
+
+    def handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            os.write(2, b"\nerror: interrupted again: stopped without saving; the last complete checkpoint stays\n")
+            os._exit(130)
+        self.name = signal.Signals(signum).name
+        # os.write, not print: a handler can interrupt a print (tqdm's) and buffered writers are not reentrant
+        os.write(2, f"\n{self.name}: stopping with a checkpoint at the end of this step ...\n".encode())
+
+    def install(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        stop_with_launcher()
+        return self
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def stop_with_launcher():
+    """accelerate's single-process launcher waits on the script without passing signals on, so ``kill`` of the
+    launcher would leave the run going on alone. Linux can send the script SIGTERM when its parent dies: asked only
+    when the parent is accelerate's launcher (a shell's exit under nohup must not stop a run)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"accelerate" not in f.read():
+                return
+    except OSError:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the launcher died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def non_finite(step, what, value, output_dir) -> TrainingError:
+    found = list_checkpoints(output_dir)
+    kept = f"{found[-1]} stays the latest checkpoint" if found else "no checkpoint had been written yet"
+    return TrainingError(
+        f"step {step}: {what} is {value} (not finite); stopped without saving this step, {kept}. "
+        "Lower --learning_rate or --beta_dpo, keep --max_grad_norm on, or use bf16 instead of fp16"
+    )
+
+
 def train(args, accelerator, arch: Architecture, data):
     """Data, optimizer, resume, the loop, checkpoints, validation and the final save. Returns the final metrics."""
     from diffusers.optimization import get_scheduler
@@ -684,8 +844,10 @@ def train(args, accelerator, arch: Architecture, data):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    register_lora_hooks(accelerator, arch.pipeline_cls)
+    if engine_checkpoints(accelerator):
+        register_lora_hooks(accelerator, arch.pipeline_cls)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    training_state = (unet, arch.pipeline_cls, optimizer, lr_scheduler)
     policy, reference = make_denoisers(accelerator, unet, weight_dtype)
     objective = OBJECTIVES[args.objective]
     cfg = objective_config(args, arch.noise_scheduler, device)
@@ -696,10 +858,15 @@ def train(args, accelerator, arch: Architecture, data):
 
     # 3. Resume: the same adapter, the step count and the data order continue
     global_step, first_epoch, skip_batches = 0, 0, 0
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args.output_dir)
     resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if resume_path:
+    if resume_path and engine_checkpoints(accelerator):
         accelerator.load_state(resume_path)
         global_step = int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path))).group(1))
+    elif resume_path:
+        global_step = read_training_state(resume_path, accelerator, *training_state)
+    if resume_path:
         first_epoch = global_step // steps_per_epoch
         skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"resumed from {resume_path} at step {global_step}")
@@ -714,6 +881,8 @@ def train(args, accelerator, arch: Architecture, data):
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     sums, micro_steps, last = {}, 0, {}
+    last_saved, interrupted = global_step if resume_path else None, None
+    stop = StopRequest().install()
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
@@ -729,9 +898,16 @@ def train(args, accelerator, arch: Architecture, data):
                 with accelerator.autocast():
                     out = objective(policy, reference, z0, cond, null_cond, cfg)
                 loss = out.loss.mean()
+                if any_process(accelerator, not torch.isfinite(loss).item()):
+                    raise non_finite(global_step + 1, "the loss", loss.item(), args.output_dir)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure only
+                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)  # None where an engine clips
+                    grad_norm = None if grad_norm is None else float(grad_norm)
+                    # under fp16 an overflow is the gradient scaler's business: it skips the step, lowers its scale
+                    if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
+                        raise non_finite(global_step + 1, "the gradient norm", grad_norm, args.output_dir)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -746,16 +922,23 @@ def train(args, accelerator, arch: Architecture, data):
 
             if accelerator.sync_gradients:
                 global_step += 1
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise non_finite(global_step, "an adapter weight", "nan or inf", args.output_dir)
                 progress.update(1)
                 last = {k: v / micro_steps for k, v in sums.items()}
                 last.update(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0])
+                if grad_norm is not None:
+                    last["grad_norm"] = grad_norm
                 sums, micro_steps = {}, 0
                 metrics_log.write(last)
                 accelerator.log({k: v for k, v in last.items() if k != "step"}, step=global_step)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('accuracy', float('nan')):.2f}")
                 # the last step always gets a checkpoint, so a run can be extended with a larger --max_train_steps
                 if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                    save_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit, training_state
+                    )
+                    last_saved = global_step
                 if (
                     args.validation_prompts
                     and global_step % args.validation_steps == 0
@@ -769,10 +952,29 @@ def train(args, accelerator, arch: Architecture, data):
                         accelerator,
                         global_step,
                     )
+                if global_step < args.max_train_steps and any_process(accelerator, stop.name is not None):
+                    interrupted = stop.name or "a signal to another process"
+                    break
             if global_step >= args.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= args.max_train_steps or interrupted:
             break
+    stop.restore()  # from here a signal acts as usual: the last step's checkpoint is already on disk
+
+    if interrupted:
+        if last_saved != global_step:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, training_state)
+        metrics_log.write({"interrupted": interrupted, "step": global_step, **data_counts})
+        if accelerator.is_main_process:
+            print(
+                f"stopped by {interrupted} at step {global_step} of {args.max_train_steps}: "
+                f"{os.path.join(args.output_dir, f'checkpoint-{global_step}')} is complete. To continue, run the same "
+                "command with --resume_from_checkpoint latest",
+                file=sys.stderr,
+                flush=True,
+            )
+        accelerator.end_training()
+        return last
 
     # 5. Save: the final checkpoint, the adapter in the diffusers LoRA format, samples, the card, the Hub
     accelerator.wait_for_everyone()
