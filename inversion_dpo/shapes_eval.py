@@ -25,7 +25,9 @@ def load_pipeline(model_path: str, lora_path: Optional[str] = None):
     """A StableDiffusionPipeline from a folder (no safety checker), optionally with LoRA weights, on the CPU."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, feature_extractor=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, safety_checker=None, feature_extractor=None, use_safetensors=True
+    )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path:
         pipe.load_lora_weights(lora_path)

@@ -257,7 +257,10 @@ def run_cli(main, parse_args):
 
 
 def load_component(cls, model, subfolder, **kwargs):
-    """``cls.from_pretrained`` with a one-line error naming the model when it is neither a folder nor reachable."""
+    """``cls.from_pretrained`` with a one-line error naming the model when it is neither a folder nor reachable.
+    Weights load from safetensors only: a ``.bin`` is a pickle, and unpickling runs code."""
+    if issubclass(cls, torch.nn.Module):
+        kwargs["use_safetensors"] = True
     try:
         return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as e:
