@@ -211,6 +211,12 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
+    g.add_argument(
+        "--license",
+        default=None,
+        help="The card's license. Default: the base model's, read from its card when at hand (a local folder or the "
+        'Hub cache), else "other".',
+    )
     return p
 
 
@@ -556,8 +562,62 @@ def run_validation(pipeline, prompts, args, accelerator, step, tag="validation")
     return images
 
 
-def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, sample_file=None):
-    dataset_line = f"datasets:\n- {args.dataset_name}\n" if not os.path.exists(args.dataset_name) else ""
+SAMPLES_DIR = "samples"
+GRID_FILE = "validation.png"
+# what --push_to_hub uploads, and nothing else (no checkpoint, log or validation history)
+UPLOADED = [LORA_FILE, "README.md", GRID_FILE, f"{SAMPLES_DIR}/*.png"]
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repository id (``owner/name``) rather than a local path: only those belong in card metadata."""
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def base_model_license(model: str) -> Optional[str]:
+    """The license in the base model's card, read without the network: a local folder's README.md or the Hub cache's
+    copy. None when neither is at hand."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    path = os.path.join(model, "README.md") if os.path.isdir(model) else None
+    if path is None and is_hub_id(model):
+        cached = try_to_load_from_cache(model, "README.md")
+        path = cached if isinstance(cached, str) else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return ModelCard.load(path).data.license
+    except Exception:  # a card we cannot parse gives no license, not a failed run
+        return None
+
+
+def save_samples(images, prompts, folder) -> List[tuple]:
+    """The final validation's images as ``samples/<i>.png`` plus their grid; returns (prompt, file) pairs."""
+    os.makedirs(os.path.join(folder, SAMPLES_DIR), exist_ok=True)
+    samples = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = f"{SAMPLES_DIR}/{i:02d}.png"
+        image.save(os.path.join(folder, name))
+        samples.append((prompt, name))
+    image_grid(images).save(os.path.join(folder, GRID_FILE))
+    return samples
+
+
+def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, samples=()):
+    """README.md as a huggingface_hub ModelCard: metadata the Hub validates (base_model, license, datasets, tags,
+    pipeline_tag, library_name, a widget of the final samples) and a body saying how it was trained."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    license_ = args.license or base_model_license(base) or "other"
+    data = ModelCardData(
+        base_model=base if is_hub_id(base) else None,
+        license=license_,
+        datasets=[args.dataset_name] if is_hub_id(args.dataset_name) else None,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["diffusers", "lora", "text-to-image", "inversion-dpo", architecture],
+        widget=[{"text": prompt, "output": {"url": name}} for prompt, name in samples] or None,
+    )
     objective = args.objective
     settings = f"beta_dpo {args.beta_dpo:g}, loss {args.loss_type}"
     if objective == "inversion_dpo":
@@ -567,52 +627,49 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
         )
     elif objective == "inpo":
         settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
-    sample = f"\n![validation samples](./{sample_file})\n" if sample_file else ""
-    card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-pipeline_tag: text-to-image
-{dataset_line}tags:
-- diffusers
-- lora
-- text-to-image
-- inversion-dpo
-- {architecture}
+    sample_lines = ""
+    if samples:
+        sample_lines = (
+            f"\n## Samples\n\nFrom the final validation (seeds {args.seed or 0}.., "
+            f"{args.validation_num_inference_steps} steps, guidance {args.validation_guidance_scale:g}):\n\n"
+            + "\n".join(f"- `{prompt}`\n\n  ![{prompt}](./{name})\n" for prompt, name in samples)
+        )
+    content = f"""---
+{data.to_yaml()}
 ---
 
-# Inversion-DPO LoRA for {args.pretrained_model_name_or_path}
+# Inversion-DPO LoRA for {base}
 
 A LoRA adapter (rank {args.rank}) trained with `{objective}` ({settings}) on {num_pairs} preference pairs from
 `{args.dataset_name}` for {global_step} optimizer steps (batch {args.train_batch_size} x accumulation
 {args.gradient_accumulation_steps}, learning rate {args.learning_rate:g}, resolution {args.resolution}).
-{sample}
+{sample_lines}
 ## Use
 
 ```python
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")
 image = pipe("a prompt").images[0]
 ```
 """
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(card)
+    card = ModelCard(content)  # parses the metadata back: a card that does not round-trip fails here, not on the Hub
+    card.save(os.path.join(folder, "README.md"))
+    return card
 
 
 def push_folder_to_hub(args, folder):
-    from huggingface_hub import create_repo, upload_folder
+    """Uploads the adapter, the card and the samples (``UPLOADED``); the Hub validates the card's metadata first."""
+    from huggingface_hub import HfApi
 
-    repo_id = create_repo(
-        args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True, token=args.hub_token
-    ).repo_id
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        token=args.hub_token,
-        commit_message="Inversion-DPO LoRA",
-        ignore_patterns=["checkpoint-*", ".partial-checkpoint-*", "logs/*", "validation/*"],
+    if not is_hub_id(args.pretrained_model_name_or_path):
+        logger.warning("the base model is a local path: the card names no base_model")
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message="Inversion-DPO LoRA", allow_patterns=UPLOADED
     )
     return repo_id
 
@@ -984,14 +1041,13 @@ def train(args, accelerator, arch: Architecture, data):
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         arch.pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict_of(final_unet))
-        sample_file = None
+        samples = []
         if args.validation_prompts:
             images = run_validation(
                 arch.make_pipeline(final_unet), args.validation_prompts, args, accelerator, global_step, tag="final"
             )
-            sample_file = "validation.png"
-            image_grid(images).save(os.path.join(args.output_dir, sample_file))
-        write_model_card(args, args.output_dir, arch.name, len(pairs), global_step, sample_file)
+            samples = save_samples(images, args.validation_prompts, args.output_dir)
+        write_model_card(args, args.output_dir, arch.name, len(pairs), global_step, samples)
         summary = {"final": True, "step": global_step, **data_counts}
         metrics_log.write(summary)
         logger.info(f"saved the LoRA adapter to {args.output_dir}: {summary}")

@@ -114,7 +114,16 @@ def test_checkpoint_rotation_and_validation(four_steps):
     assert not [d for d in os.listdir(out) if d.startswith(".partial")]
     assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-000004.png", "validation-000002.png"]
     assert os.path.exists(os.path.join(out, "validation.png"))
-    assert "validation.png" in open(os.path.join(out, "README.md")).read()
+    # the final samples, one per prompt, are the card's widget and shown in its text
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.widget == [
+        {"text": "a red circle", "output": {"url": "samples/00.png"}},
+        {"text": "a blue square", "output": {"url": "samples/01.png"}},
+    ]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["00.png", "01.png"]
+    assert "![a blue square](./samples/01.png)" in card.text
 
 
 def test_resume_continues_the_same_adapter_and_data_order(four_steps, tmp_path):
