@@ -21,6 +21,11 @@ class DataError(ValueError):
     """Bad input data; the message is one line naming the dataset, the column or the row."""
 
 
+def first_line(error: Exception, limit: int = 200) -> str:
+    """An exception's message cut to its first line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 @dataclass
 class PairColumns:
     image_0: str = "jpg_0"
@@ -54,10 +59,9 @@ def load_pairs_dataset(name_or_path: str, config_name=None, split: str = "train"
     try:
         return datasets.load_dataset(name_or_path, config_name, split=split, cache_dir=cache_dir), os.getcwd()
     except Exception as e:  # datasets raises many kinds here; all mean the same to a user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"could not load dataset '{name_or_path}': it is not a local file or folder, and loading it from the "
-            f"Hub failed ({type(e).__name__}: {reason[:200]}); offline, pass a local path"
+            f"Hub failed ({type(e).__name__}: {first_line(e)}); offline, pass a local path"
         ) from None
 
 

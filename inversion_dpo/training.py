@@ -39,6 +39,7 @@ from .data import (
     check_columns,
     check_rows,
     collate_pairs,
+    first_line,
     load_pairs_dataset,
     raw_images,
     select_pairs,
@@ -271,8 +272,7 @@ def load_component(cls, model, subfolder, **kwargs):
         return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(model) else "Hub id (offline, or no such repository?)"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"could not load '{subfolder}' of model '{model}' as a {where}: {reason}") from None
+        raise DataError(f"could not load '{subfolder}' of model '{model}' as a {where}: {first_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -252,44 +252,42 @@ def test_checkpoints_hold_no_pickles(four_steps):
     assert not found
 
 
-def test_sigterm_to_the_launcher_saves_stops_and_resumes_to_the_same_adapter(four_steps, tmp_path):
+def interrupt_and_resume(four_steps, run_dir, launcher, after_steps, send):
+    """Runs the 4-step run with checkpoints only when interrupted, calls ``send(proc)`` once ``after_steps`` steps
+    are logged, checks the stop, resumes with ``latest`` and checks it ends as the uninterrupted run."""
     out, args = four_steps
-    run_dir = str(tmp_path / "run")
-    # checkpoints only when interrupted; the signal lands during step 2
-    proc = start(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--checkpointing_steps", 100])
-    wait_for(lambda: steps_logged(run_dir) >= 1, proc)
-    # `kill <pid of accelerate launch>`: the launcher dies at once without passing it on; Linux tells the trainer
-    os.kill(proc.pid, signal.SIGTERM)
+    proc = start(
+        SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--checkpointing_steps", 100], launcher
+    )
+    wait_for(lambda: steps_logged(run_dir) >= after_steps, proc)
+    send(proc)
     _, stderr = proc.communicate(timeout=240)
     stopped = re.search(
-        r"stopped by SIGTERM at step (\d) of 4: \S+checkpoint-\1 is complete. To continue, run the same command "
+        r"stopped by (SIG\w+) at step (\d) of 4: \S+checkpoint-\2 is complete. To continue, run the same command "
         r"with --resume_from_checkpoint latest",
         stderr,
     )
-    assert stopped, stderr[-3000:]
-    assert "Traceback" not in stderr
-    step = int(stopped.group(1))
-    assert 1 <= step < 4 and checkpoints(run_dir) == [f"checkpoint-{step}"]
-    assert {"interrupted": "SIGTERM", "step": step, "pairs": 6}.items() <= metrics(run_dir)[-1].items()
+    assert stopped and "Traceback" not in stderr, stderr[-3000:]
+    step = int(stopped.group(2))
+    assert after_steps <= step < 4 and checkpoints(run_dir) == [f"checkpoint-{step}"]
+    assert {"interrupted": stopped.group(1), "step": step, "pairs": 6}.items() <= metrics(run_dir)[-1].items()
     run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
     assert_same_run(out, run_dir)
+    return proc
+
+
+def test_sigterm_to_the_launcher_saves_stops_and_resumes_to_the_same_adapter(four_steps, tmp_path):
+    # `kill <pid of accelerate launch>`: the launcher dies at once without passing it on; Linux tells the trainer
+    interrupt_and_resume(four_steps, str(tmp_path / "run"), "accelerate", 1, lambda p: os.kill(p.pid, signal.SIGTERM))
 
 
 def test_ctrl_c_saves_and_exits_0_and_resumes_to_the_same_adapter(four_steps, tmp_path):
-    out, args = four_steps
-    run_dir = str(tmp_path / "run")
-    proc = start(
-        SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--checkpointing_steps", 100], "python"
-    )
-    wait_for(lambda: steps_logged(run_dir) >= 2, proc)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "stopped by SIGINT at step" in stderr and "Traceback" not in stderr
-    assert len(checkpoints(run_dir)) == 1
-    run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
-    assert_same_run(out, run_dir)
+    def ctrl_c(proc):
+        time.sleep(0.1)  # into step 3
+        proc.send_signal(signal.SIGINT)
+
+    proc = interrupt_and_resume(four_steps, str(tmp_path / "run"), "python", 2, ctrl_c)
+    assert proc.returncode == 0
 
 
 def test_kill_9_during_a_save_leaves_the_last_complete_checkpoint_latest(four_steps, tmp_path):
