@@ -25,7 +25,7 @@ from inversion_dpo.data import DataError
 from inversion_dpo.training import is_hub_id, run_cli
 
 
-def parse_args(input_args=None):
+def make_parser():
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -64,6 +64,11 @@ def parse_args(input_args=None):
     g.add_argument(
         "--shapes_score", action="store_true", help="The shapes world's pixel scorer (shapes prompts only)."
     )
+    return p
+
+
+def parse_args(input_args=None):
+    p = make_parser()
     args = p.parse_args(input_args)
     if args.adapter_names is not None and len(args.adapter_names) != len(args.adapters):
         p.error(f"--adapter_names has {len(args.adapter_names)} names for {len(args.adapters)} adapters")
