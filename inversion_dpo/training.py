@@ -258,8 +258,8 @@ def run_cli(main, parse_args):
     except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before training started (loading, checking data): nothing to save
-        print("error: interrupted before the first training step; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop (loading, checking data, the final save)
+        print("error: interrupted outside a training step; the last complete checkpoint stays", file=sys.stderr)
         sys.exit(130)
 
 
@@ -289,6 +289,7 @@ def make_accelerator(args):
 
         if not is_wandb_available():
             raise SystemExit("error: --report_to wandb needs wandb: pip install wandb")
+    stop_with_launcher()  # first: a launcher killed while the data is checked must not leave this process running
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -827,7 +828,6 @@ class StopRequest:
 
     def install(self):
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-        stop_with_launcher()
         return self
 
     def restore(self):
