@@ -207,6 +207,8 @@ def test_hub_ids_offline_are_one_clear_line(tiny_sd_dir, tiny_pairs_parquet, tmp
             tiny_pairs_parquet,
             "--output_dir",
             tmp_path,
+            "--resolution",  # the data is checked first: at the default 512, 32 px images are too small
+            32,
         ],
         launcher="python",
         check=False,
