@@ -84,7 +84,14 @@ def main(args):
 
     # 4. Train, validate, save
     arch = Architecture(
-        "stable-diffusion", StableDiffusionPipeline, unet, vae, noise_scheduler, encode_conditioning, make_pipeline
+        "stable-diffusion",
+        StableDiffusionPipeline,
+        unet,
+        vae,
+        noise_scheduler,
+        encode_conditioning,
+        make_pipeline,
+        text_encoders=(text_encoder,),
     )
     return train(args, accelerator, arch, data)
 

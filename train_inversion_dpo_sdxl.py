@@ -136,6 +136,7 @@ def main(args):
         noise_scheduler,
         encode_conditioning,
         make_pipeline,
+        text_encoders=tuple(text_encoders),
     )
     return train(args, accelerator, arch, data)
 

@@ -357,6 +357,15 @@ class PreferencePairs(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
+        rng = self.augmentation_rng(index)
+        return self.load(index, self.draw_flip(rng), rng)
+
+    def draw_flip(self, rng: random.Random) -> bool:
+        """The pair's shared flip: the first draw of its augmentation stream (a cache picks its stored flip so)."""
+        return self.hflip and rng.random() < 0.5
+
+    def load(self, index, flip: bool, rng: Optional[random.Random] = None):
+        """Pair ``index`` with the given flip; ``rng`` draws the random crop (center crop without it)."""
         row = self.dataset[index]
         c = self.columns
         where = f"dataset '{self.source}', row {index if self.row_ids is None else self.row_ids[index]}"
@@ -366,8 +375,6 @@ class PreferencePairs(torch.utils.data.Dataset):
         except BadRow as e:
             raise DataError(f"{where}: {e}") from None
         names = (c.image_0, c.image_1) if winner_first else (c.image_1, c.image_0)
-        rng = self.augmentation_rng(index)
-        flip = self.hflip and rng.random() < 0.5
         pixels, sizes, crops = [], [], []
         for name in names:
             image = to_pil(row[name], self.base_dir, f"{where}, column '{name}'")

@@ -18,7 +18,7 @@ inside (as the diffusers SD1.5 DPO example does): beta 5000 here means what ``--
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 INVERSION_TARGETS = ("reference", "step", "x0")
 TIMESTEP_WEIGHTINGS = ("official", "uniform")
+INVERSION_MARGINS = ("trajectory", "step")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,6 +147,8 @@ class ObjectiveConfig:
     inversion_guidance_scale: float = 1.0
     inversion_target: str = "step"
     inversion_grad_steps: Optional[int] = None  # k of N steps back-propagated (unbiased); None = all (exact)
+    inversion_chunk_steps: Optional[int] = None  # steps per policy call with grad; None or >= N: one graph
+    inversion_margin: str = "trajectory"  # or "step": one sampled step per pair (this project's extension)
     timestep_weighting: str = "official"
     inpo_grid: Optional[DDIMGrid] = None  # inpo: the coarse grid
     inpo_eta: float = 0.0
@@ -160,6 +163,13 @@ class ObjectiveOutput:
     loss: torch.Tensor  # [B], with grad
     margin: Optional[torch.Tensor] = None  # [B], detached; None for sft
     logs: Dict[str, torch.Tensor] = field(default_factory=dict)  # scalars, detached
+    # two-pass objectives: ``loss`` carries no grad; each callable recomputes one chunk with grad and returns a [B]
+    # surrogate, and back-propagating every chunk in turn accumulates exactly the gradient of ``loss``
+    grad_chunks: Optional[List[Callable[[], torch.Tensor]]] = None
+
+    def backward_terms(self) -> List[Callable[[], torch.Tensor]]:
+        """What to back-propagate (each ``.mean()``), in order: the chunks, or the loss itself."""
+        return self.grad_chunks or [lambda: self.loss]
 
 
 def _pair_output(margin: torch.Tensor, cfg: ObjectiveConfig, **logs) -> ObjectiveOutput:
@@ -189,6 +199,75 @@ def diffusion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cf
     return _pair_output(margin, cfg, timestep=t[:B].float().mean())
 
 
+class InversionSteps(NamedTuple):
+    """The reference side of ``inversion_dpo`` for a batch: everything the policy side needs and nothing more. It
+    depends only on the frozen reference, so it can be computed once per dataset and cached (``inversion_dpo/cache.py``).
+
+    Rows stack winners then losers, as everywhere; ``K`` is the number of trajectory steps held for each row (all N,
+    the cache's stored subset, or one sampled step per pair), and a pair's two rows always hold the same steps.
+    """
+
+    steps: torch.Tensor  # [K, 2B] long: the grid index of each row's step (0 = the step to timesteps[0])
+    x: torch.Tensor  # [K, 2B, C, H, W]: the policy's inputs, x_i (x_{i-1} for the reference target)
+    target: Optional[torch.Tensor]  # [K, 2B, C, H, W]: tau_i; None for the reference target
+    ref_error: Optional[torch.Tensor]  # [K, 2B]: ||tau_i - eps_ref(x_i, t_i)||^2; None for the reference target
+    eps_ref: Optional[torch.Tensor]  # [K, 2B, C, H, W]: eps_ref(x_{i-1}, t_i), the reference target's target
+
+    def take(self, index: torch.Tensor) -> "InversionSteps":
+        """The steps ``index`` ([K', 2B], positions along K) of every row."""
+        rows = torch.arange(index.shape[1], device=index.device)
+        return InversionSteps(*(None if v is None else v[index, rows] for v in self))
+
+
+def invert_pairs(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig, steps=None, round_to=None):
+    """The reference's DDIM inversion of each image (with the caption, at the inversion guidance scale) and what the
+    policy side needs at the grid ``steps`` ([K, 2B] long, default every step): the inputs, the targets and the
+    reference's errors. The inversion walks only as far as the highest step asked for.
+
+    ``round_to``: the dtype a cache stores inputs and targets in. They are rounded before the reference is evaluated
+    on them, so that a policy reading them back sees exactly what the reference saw: margin 0 at initialisation.
+    """
+    grid = cfg.inversion_grid
+    N, B2 = len(grid.timesteps), z0.shape[0]
+    if steps is None:
+        steps = torch.arange(N, device=z0.device)[:, None].expand(N, B2)
+    rows = torch.arange(B2, device=z0.device)
+
+    def rounded(v):
+        return v if round_to is None else v.to(round_to).float()
+
+    with torch.no_grad():
+        # walk only as far as needed: the grid up to the highest step asked for (a sub-grid keeps the same levels)
+        top = N if steps.device.type == "meta" else int(steps.max()) + 1  # meta: benchmarks/memory_at_scale.py
+        invert_eps = guided(reference, cond, null_cond, cfg.inversion_guidance_scale)
+        sub_grid = DDIMGrid(grid.timesteps[:top], grid.alphas[: top + 1])
+        trajectory = ddim_invert(lambda x, t: invert_eps(x, t.expand(B2)), z0, sub_grid)
+        latents = torch.stack(trajectory.latents)  # [top, 2B, C, H, W]
+        if cfg.inversion_target == "reference":
+            latents = torch.cat([z0[None], latents[:-1]])  # x_{i-1}: the inversion's own inputs
+        x = rounded(latents[steps, rows])  # [K, 2B, C, H, W]
+        t = grid.timesteps[steps]
+        # in chunks, as the policy side: one no-grad forward of all K steps would hold K steps' activations
+        eps_ref = torch.cat(
+            [
+                reference(x[c].flatten(0, 1), t[c].flatten(), tile_cond(cond, len(c)))
+                for c in _chunks(list(range(len(steps))), cfg.inversion_chunk_steps or len(steps))
+            ]
+        ).view_as(x)
+        if cfg.inversion_target == "reference":
+            return InversionSteps(steps, x, None, None, eps_ref)
+        if cfg.inversion_target == "step":
+            target = torch.stack(trajectory.noises)[steps, rows]
+        elif cfg.inversion_target == "x0":
+            a_i = grid.alphas[1:][steps]
+            target = implied_noise(x.flatten(0, 1), z0.repeat(len(steps), 1, 1, 1), a_i.flatten()).view_as(x)
+        else:
+            raise ValueError(f"unknown inversion_target {cfg.inversion_target!r}; expected one of {INVERSION_TARGETS}")
+        target = rounded(target)
+        ref_error = mse(target.flatten(0, 1), eps_ref.flatten(0, 1)).view(steps.shape)
+    return InversionSteps(steps, x, target, ref_error, None)
+
+
 def inversion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
     """Inversion-DPO (Li et al. 2025, arXiv 2507.11554): the noisy latents are the reference's deterministic DDIM
     inversion ``x_1 .. x_N`` of each image (with the caption, at the inversion guidance scale), not random draws.
@@ -203,61 +282,77 @@ def inversion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cf
     - ``x0`` (this project's extension): ``dpo_margin`` at ``(x_i, t_i)`` with target
       ``(x_i - sqrt(a_i) z0) / sqrt(1 - a_i)``, the noise with which one step lands on ``z0``.
 
-    Cost per pair: N (x2 with guidance) reference inversion rows, N reference rows, N policy rows with grad. With
-    ``inversion_grad_steps = k < N``: N policy rows without grad and k with grad, an unbiased gradient.
+    ``inversion_margin = "step"`` (this project's extension) samples one step i per pair instead and takes
+    ``margin = w_i m_i``, whose expectation is the trajectory margin (Diffusion-DPO's per-timestep form; by Jensen its
+    expected loss bounds the trajectory loss from above). The inversion then walks only up to the sampled steps.
+
+    Cost per pair: N (x2 with guidance) reference inversion rows and N reference rows (the reference side, which
+    ``invert_pairs`` computes and a cache can hold), then the policy side: see ``inversion_policy``.
     """
+    steps = None
+    if cfg.inversion_margin == "step":
+        steps = _one_step_per_pair(len(cfg.inversion_grid.timesteps), z0.shape[0] // 2, z0.device)
+    return inversion_policy(policy, invert_pairs(reference, z0, cond, null_cond, cfg, steps), cond, cfg)
+
+
+def _one_step_per_pair(num_steps: int, B: int, device) -> torch.Tensor:
+    """[1, 2B]: one position in 0..num_steps-1 per pair, shared by its winner and loser."""
+    return torch.randint(0, num_steps, (1, B), device=device).repeat(1, 2)
+
+
+def inversion_policy(policy: Denoiser, ref: InversionSteps, cond, cfg: ObjectiveConfig) -> ObjectiveOutput:
+    """The policy side of ``inversion_dpo`` on the reference side ``ref`` (computed now or read from a cache).
+
+    - ``inversion_margin = "step"``: one held step per pair, sampled here (unless only one is held); one policy
+      call with grad.
+    - ``"trajectory"`` with ``inversion_chunk_steps >= K`` and no ``inversion_grad_steps``: all K held steps in one
+      policy call with grad (one pass; activation memory grows with K).
+    - otherwise the two-pass scheme of method.md, exact and with activation memory of ``inversion_chunk_steps``
+      steps whatever K: pass 1 evaluates every step without grad, giving the margin and the link's slope; the
+      returned ``grad_chunks`` recompute steps with grad, a chunk at a time, as ``slope * (1/K) sum w_i m_i``, whose
+      gradients add up to the loss's. With ``inversion_grad_steps = k < K`` only k random steps are recomputed,
+      scaled K/k: an unbiased gradient (the sum sits inside the link, so sampling steps for the loss itself would be
+      biased; sampling them only for d margin is not). Cost: K policy rows without grad, then k (or K) with grad.
+    """
+    if cfg.inversion_margin == "step" and ref.steps.shape[0] > 1:  # (one held step: already sampled)
+        ref = ref.take(_one_step_per_pair(ref.steps.shape[0], ref.steps.shape[1] // 2, ref.steps.device))
+    K, B = ref.steps.shape[0], ref.steps.shape[1] // 2
     grid = cfg.inversion_grid
-    N, B2 = len(grid.timesteps), z0.shape[0]
-    B = B2 // 2
-    with torch.no_grad():
-        invert_eps = guided(reference, cond, null_cond, cfg.inversion_guidance_scale)
-        trajectory = ddim_invert(lambda x, t: invert_eps(x, t.expand(B2)), z0, grid)
-        x_i = torch.stack(trajectory.latents)  # [N, 2B, C, H, W]
-        t_i = grid.timesteps[:, None].expand(N, B2)  # [N, 2B]
-        a_i = grid.alphas[1:, None].expand(N, B2)
-        if cfg.inversion_target == "reference":
-            x_in = torch.stack([z0] + trajectory.latents[:-1])  # x_{i-1}: the inversion's own inputs
+    weights = inversion_step_weights(grid.alphas[1:], cfg.timestep_weighting)[ref.steps[:, :B]]  # [K, B]
+
+    def weighted_terms(chunk):  # [len(chunk), B]: w_i m_i of the held steps at positions `chunk`, one policy call
+        x = ref.x[chunk]
+        eps_pol = policy(x.flatten(0, 1), grid.timesteps[ref.steps[chunk]].flatten(), tile_cond(cond, len(chunk)))
+        eps_pol = eps_pol.view_as(x)
+        if ref.eps_ref is not None:
+            pw, pl, rw, rl = eps_pol[:, :B], eps_pol[:, B:], ref.eps_ref[chunk, :B], ref.eps_ref[chunk, B:]
+            terms = reference_distance_margin(pw.flatten(0, 1), rw.flatten(0, 1), pl.flatten(0, 1), rl.flatten(0, 1))
+            terms = terms.view(len(chunk), B)
         else:
-            x_in = x_i
-        cond_n = tile_cond(cond, N)
-        eps_ref = reference(x_in.flatten(0, 1), t_i.flatten(), cond_n).view_as(x_in)
-        if cfg.inversion_target == "step":
-            target = torch.stack(trajectory.noises)
-        elif cfg.inversion_target == "x0":
-            target = implied_noise(x_i.flatten(0, 1), z0.repeat(N, 1, 1, 1), a_i.flatten()).view_as(x_i)
-        elif cfg.inversion_target != "reference":
-            raise ValueError(f"unknown inversion_target {cfg.inversion_target!r}; expected one of {INVERSION_TARGETS}")
-    weights = inversion_step_weights(grid.alphas[1:], cfg.timestep_weighting)  # [N]
+            errors = mse(ref.target[chunk].flatten(0, 1), eps_pol.flatten(0, 1)).view(len(chunk), 2 * B)
+            errors = errors - ref.ref_error[chunk]
+            terms = errors[:, :B] - errors[:, B:]
+        return weights[chunk] * terms
 
-    def weighted_terms(steps, eps_pol):  # [len(steps), B]: w_i m_i of the given steps
-        rows = []
-        for j, i in enumerate(steps):
-            pw, pl, rw, rl = eps_pol[j, :B], eps_pol[j, B:], eps_ref[i, :B], eps_ref[i, B:]
-            if cfg.inversion_target == "reference":
-                rows.append(reference_distance_margin(pw, rw, pl, rl))
-            else:
-                rows.append(dpo_margin(pw, rw, target[i, :B], pl, rl, target[i, B:]))
-        return weights[steps, None] * torch.stack(rows)
+    everything = list(range(K))
+    chunk_size, k = cfg.inversion_chunk_steps or K, cfg.inversion_grad_steps or K
+    if cfg.inversion_margin == "step" or (chunk_size >= K and k >= K):
+        return _pair_output(weighted_terms(everything).mean(0), cfg)
 
-    def policy_on(steps):  # one policy call over the given steps: one forward per backward keeps DDP's reducer happy
-        x = x_in[steps]
-        return policy(x.flatten(0, 1), t_i[steps].flatten(), tile_cond(cond, len(steps))).view_as(x)
-
-    k = cfg.inversion_grad_steps or N
-    if k >= N:  # exact: every step with grad
-        margin = weighted_terms(list(range(N)), policy_on(list(range(N)))).mean(0)
-        return _pair_output(margin, cfg)
-
-    # Unbiased k-of-N gradient (method.md): the margin, and so the link's slope, from every step without grad; the
-    # gradient from k random steps scaled N/k. The sum sits inside the sigmoid, so sampling steps for the loss itself
-    # would be biased; sampling them only for d margin is not.
     with torch.no_grad():
-        margin = weighted_terms(list(range(N)), policy_on(list(range(N)))).mean(0)
-    steps = torch.randperm(N, device=z0.device)[:k].tolist()
-    margin_estimate = weighted_terms(steps, policy_on(steps)).mean(0)  # E[.] = margin
+        margin = torch.cat([weighted_terms(c) for c in _chunks(everything, chunk_size)]).mean(0)
     slope = _link_slope(margin, cfg)
-    loss = preference_loss(margin, cfg.beta, cfg.loss_type) + slope * (margin_estimate - margin_estimate.detach())
-    return ObjectiveOutput(loss, margin.detach(), {})
+    grad_steps = everything if k >= K else torch.randperm(K).tolist()[:k]
+
+    def grad_chunk(chunk):
+        return lambda: slope * weighted_terms(chunk).sum(0) / len(grad_steps)
+
+    grad_chunks = [grad_chunk(c) for c in _chunks(grad_steps, chunk_size)]
+    return ObjectiveOutput(preference_loss(margin, cfg.beta, cfg.loss_type), margin, {}, grad_chunks)
+
+
+def _chunks(items: list, size: int) -> List[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _link_slope(margin: torch.Tensor, cfg) -> torch.Tensor:

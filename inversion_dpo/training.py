@@ -3,6 +3,7 @@ validation, the model card. A script supplies only what differs between the arch
 captions and images becomes conditioning, and how a pipeline is built for validation and saving."""
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import cache as inversion_cache
 from .checkpoint import (
     LORA_FILE,
     OPTIMIZER_FILE,
@@ -45,7 +47,15 @@ from .data import (
     select_pairs,
 )
 from .ddim import ddim_grid
-from .objectives import INVERSION_TARGETS, LOSS_TYPES, OBJECTIVES, TIMESTEP_WEIGHTINGS, ObjectiveConfig
+from .objectives import (
+    INVERSION_MARGINS,
+    INVERSION_TARGETS,
+    LOSS_TYPES,
+    OBJECTIVES,
+    TIMESTEP_WEIGHTINGS,
+    ObjectiveConfig,
+    inversion_policy,
+)
 
 
 logger = logging.getLogger("inversion_dpo")
@@ -151,6 +161,44 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         help="Back-propagate k random steps of the N, scaled N/k: an unbiased gradient (the margin itself still "
         "uses every step). Default: all N (exact).",
     )
+    g.add_argument(
+        "--inversion_chunk_steps",
+        type=int,
+        default=1,
+        help="Inversion steps per policy call with grad. Below N: two passes (the margin from every step without "
+        "grad, then the gradient chunk by chunk, one backward each): the exact gradient with the activation memory "
+        "of this many steps whatever N, for about 4/3 the compute. N or more: all steps in one graph.",
+    )
+    g.add_argument(
+        "--inversion_margin",
+        default="trajectory",
+        choices=INVERSION_MARGINS,
+        help="trajectory: every step inside one sigmoid (the paper). step (this project's extension): each pair "
+        "samples one step and the sigmoid takes w_i m_i, whose mean is the trajectory margin (Diffusion-DPO's "
+        "per-timestep form, a Jensen upper bound of the trajectory loss): 2 policy rows with grad per pair.",
+    )
+    g.add_argument(
+        "--inversion_cache",
+        default=None,
+        help="Folder of reference-side caches: the trajectory inputs, targets and reference errors of every pair, "
+        "computed once (missing shards are built first, sharded over the processes) and reused by every run with the "
+        "same model, data and inversion settings; a training step then runs the policy alone.",
+    )
+    g.add_argument("--inversion_cache_only", action="store_true", help="Build the cache, then exit.")
+    g.add_argument(
+        "--cache_steps",
+        type=int,
+        default=None,
+        help="Store K evenly spaced of the N steps (bounds the disk; the margin then sums over those K). Default: all.",
+    )
+    g.add_argument("--inversion_cache_shard_size", type=int, default=64, help="Pairs per cache file.")
+    g.add_argument(
+        "--inversion_cache_dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="Storage of the cached latents and targets (reference errors are float32 either way); float32 "
+        "reproduces an uncached run to float precision at twice the disk.",
+    )
     g.add_argument("--inpo_inversion_steps", type=int, default=10, help="The coarse grid of inpo (official 10).")
     g.add_argument(
         "--inpo_eta",
@@ -234,6 +282,8 @@ def check_args(args):
         "gradient_accumulation_steps",
         "inversion_steps",
         "inpo_inversion_steps",
+        "inversion_chunk_steps",
+        "inversion_cache_shard_size",
         "rank",
         "resolution",
         "checkpointing_steps",
@@ -243,6 +293,22 @@ def check_args(args):
             raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
     if args.inversion_grad_steps is not None and args.inversion_grad_steps < 1:
         raise SystemExit(f"error: --inversion_grad_steps must be at least 1, got {args.inversion_grad_steps}")
+    if args.inversion_grad_steps is not None and args.inversion_margin == "step":
+        raise SystemExit("error: --inversion_grad_steps samples steps of the trajectory margin; --inversion_margin step "
+                         "back-propagates its one step already")  # fmt: skip
+    if args.inversion_cache:
+        if args.objective != "inversion_dpo":
+            raise SystemExit(
+                f"error: --inversion_cache holds inversion_dpo's reference side; --objective is {args.objective}"
+            )
+        if args.random_crop:
+            raise SystemExit(
+                "error: --random_crop cannot be cached (the crops are not enumerable); drop one of the two"
+            )
+    elif args.inversion_cache_only or args.cache_steps is not None:
+        raise SystemExit("error: --inversion_cache_only and --cache_steps need --inversion_cache DIR")
+    if args.cache_steps is not None and args.cache_steps < 1:
+        raise SystemExit(f"error: --cache_steps must be at least 1, got {args.cache_steps}")
     if args.resolution % 8:
         raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
     if not 0 <= args.max_bad_fraction <= 1:
@@ -635,7 +701,7 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
     if objective == "inversion_dpo":
         settings += (
             f", {args.inversion_steps} inversion steps, inversion guidance {args.inversion_guidance_scale:g}"
-            f", target {args.inversion_target}, weighting {args.timestep_weighting}"
+            f", target {args.inversion_target}, weighting {args.timestep_weighting}, margin {args.inversion_margin}"
         )
     elif objective == "inpo":
         settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
@@ -702,6 +768,7 @@ class Architecture:
     # (batch, device) -> (cond, null_cond): dicts of UNet keyword arguments with 2B rows (winners, then losers)
     encode_conditioning: Callable
     make_pipeline: Callable  # unet -> pipeline for sampling
+    text_encoders: tuple = ()  # with the VAE, what a run from the cache does not need (unless it validates)
 
 
 def encode_latents(vae, pixel_values):
@@ -727,6 +794,8 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         inversion_guidance_scale=args.inversion_guidance_scale,
         inversion_target=args.inversion_target,
         inversion_grad_steps=args.inversion_grad_steps,
+        inversion_chunk_steps=args.inversion_chunk_steps,
+        inversion_margin=args.inversion_margin,
         timestep_weighting=args.timestep_weighting,
         inpo_grid=grid(args.inpo_inversion_steps) if args.objective == "inpo" else None,
         inpo_eta=args.inpo_eta,
@@ -771,6 +840,52 @@ def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounte
             base.enable_adapters()
 
     return policy, reference
+
+
+def prepare_inversion_cache(args, accelerator, arch, pairs, cfg, reference):
+    """Finds (or builds, sharded over the processes) the cache of this run's key; returns the cached dataset."""
+    device = accelerator.device
+    with torch.no_grad():
+        probe, _ = arch.encode_conditioning(inversion_cache.probe_batch(args.resolution), device)
+    probe = inversion_cache.flatten_cond(probe)
+    key = inversion_cache.cache_key(
+        args, arch, pairs, cfg, inversion_cache.tensors_fingerprint(probe.values()), weight_dtype_of(accelerator)
+    )
+    cache = inversion_cache.InversionCache.locate(args.inversion_cache, key, args.inversion_cache_shard_size)
+    size = args.resolution // 2 ** (len(arch.vae.config.block_out_channels) - 1)
+    latent_shape = (arch.vae.config.latent_channels, size, size)
+    bytes_per_pair = cache.bytes_per_pair(latent_shape, sum(v[0].numel() for v in probe.values()))
+
+    def encode(batch):
+        return encode_latents(arch.vae, batch["pixel_values"]), *arch.encode_conditioning(batch, device)
+
+    inversion_cache.build(cache, accelerator, pairs, encode, reference, cfg, args.train_batch_size, bytes_per_pair)
+    return inversion_cache.CachedPairs(cache, pairs)
+
+
+@contextlib.contextmanager
+def held_gradient_sync(accelerator, model):
+    """For every backward of a micro-step but the last: DDP does not all-reduce (``no_sync``) and DeepSpeed neither
+    reduces nor steps (its backward steps when ``sync_gradients``), so the gradients accumulate locally."""
+    sync = accelerator.sync_gradients
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(sync)
+
+
+def backward_objective(accelerator, model, out):
+    """Back-propagates an objective's loss, or each chunk of a two-pass objective in turn (the chunk's forward with
+    grad runs here, under the same autocast, so DDP sees one forward per backward); the gradients are all-reduced
+    once, with the last."""
+    terms = out.backward_terms()
+    for i, term in enumerate(terms):
+        with held_gradient_sync(accelerator, model) if i < len(terms) - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                value = term().mean()
+            accelerator.backward(value)
 
 
 class MetricsLog:
@@ -906,13 +1021,24 @@ def train(args, accelerator, arch: Architecture, data):
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     unet = arch.unet
 
-    # 1. Data (loaded by the script before the models, so bad data fails fast)
+    # 1. Data (loaded by the script before the models, so bad data fails fast); with a cache, its reference side
     pairs, data_counts = data
+    cfg = objective_config(args, arch.noise_scheduler, device)
+    if args.inversion_cache:
+        pairs = prepare_inversion_cache(
+            args, accelerator, arch, pairs, cfg, make_denoisers(accelerator, unet, weight_dtype)[1]
+        )
+        if args.inversion_cache_only:
+            accelerator.end_training()
+            return {"cache": pairs.cache.folder}
+        if not args.validation_prompts:  # nothing will run them again: give their memory back to the UNet
+            for frozen in (arch.vae, *arch.text_encoders):
+                frozen.to("cpu")
     dataloader = torch.utils.data.DataLoader(
         pairs,
         batch_size=args.train_batch_size,
         shuffle=True,
-        collate_fn=collate_pairs,
+        collate_fn=inversion_cache.collate_cached if args.inversion_cache else collate_pairs,
         num_workers=args.dataloader_num_workers,
         drop_last=False,
         # its own generator: iterating never draws from the global RNG that the objectives' noise comes from, so a
@@ -944,7 +1070,15 @@ def train(args, accelerator, arch: Architecture, data):
     counter = UNetCounter()
     policy, reference = make_denoisers(accelerator, unet, weight_dtype, counter)
     objective = OBJECTIVES[args.objective]
-    cfg = objective_config(args, arch.noise_scheduler, device)
+
+    def objective_on(batch):
+        if args.inversion_cache:  # the policy alone: no VAE, no text encoder, no reference
+            ref, cond = inversion_cache.cached_inversion_steps(batch, pairs.cache.steps)
+            return inversion_policy(policy, ref, cond, cfg)
+        with torch.no_grad():
+            z0 = encode_latents(arch.vae, batch["pixel_values"])
+            cond, null_cond = arch.encode_conditioning(batch, device)
+        return objective(policy, reference, z0, cond, null_cond, cfg)
 
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -987,15 +1121,12 @@ def train(args, accelerator, arch: Architecture, data):
             epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    z0 = encode_latents(arch.vae, batch["pixel_values"])
-                    cond, null_cond = arch.encode_conditioning(batch, device)
                 with accelerator.autocast():
-                    out = objective(policy, reference, z0, cond, null_cond, cfg)
+                    out = objective_on(batch)
                 loss = out.loss.mean()
                 if any_process(accelerator, not torch.isfinite(loss).item()):
                     raise non_finite(global_step + 1, "the loss", loss.item(), args.output_dir)
-                accelerator.backward(loss)
+                backward_objective(accelerator, unet, out)
                 if accelerator.sync_gradients:
                     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure only
                     grad_norm = accelerator.clip_grad_norm_(params, max_norm)  # None where an engine clips
@@ -1013,7 +1144,7 @@ def train(args, accelerator, arch: Architecture, data):
             values.update(out.logs)
             # compute per pair: UNet rows with grad (a forward and a backward, about 3 forwards) and without
             grad_rows, no_grad_rows = counter.take()
-            num_pairs = z0.shape[0] // 2
+            num_pairs = out.loss.shape[0]
             values.update(
                 unet_grad_evals_per_pair=torch.tensor(grad_rows / num_pairs, device=device),
                 unet_evals_per_pair=torch.tensor(no_grad_rows / num_pairs, device=device),
@@ -1037,6 +1168,8 @@ def train(args, accelerator, arch: Architecture, data):
                 )
                 if grad_norm is not None:
                     last["grad_norm"] = grad_norm
+                if torch.cuda.is_available():
+                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 sums, micro_steps = {}, 0
                 metrics_log.write(last)
                 accelerator.log({k: v for k, v in last.items() if k != "step"}, step=global_step)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -35,13 +36,27 @@ def env():
     return e
 
 
-def run(script, args, launcher="accelerate", check=True, timeout=300):
-    if launcher == "accelerate":
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(script, args, launcher="accelerate", check=True, timeout=300, num_processes=1):
+    e = env()
+    if launcher == "accelerate" and num_processes > 1:
+        # data parallel on the CPU: accelerate's multi-process launcher (torchrun), told to stay on the CPU (gloo)
+        e["ACCELERATE_USE_CPU"] = "true"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+               os.path.join(REPO, script)]  # fmt: skip
+    elif launcher == "accelerate":
         cmd = cpu_launch_command(os.path.join(REPO, script))
     else:
         cmd = [sys.executable, os.path.join(REPO, script)]
     proc = subprocess.run(
-        cmd + [str(a) for a in args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+        cmd + [str(a) for a in args], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

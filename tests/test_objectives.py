@@ -102,6 +102,8 @@ PAIR_CASES = [
     ("inversion_dpo", {"inversion_target": "step"}),
     ("inversion_dpo", {"inversion_target": "x0"}),
     ("inversion_dpo", {"inversion_target": "step", "inversion_guidance_scale": 2.0, "timestep_weighting": "uniform"}),
+    ("inversion_dpo", {"inversion_target": "x0", "inversion_chunk_steps": 2}),
+    ("inversion_dpo", {"inversion_target": "step", "inversion_margin": "step"}),
     ("inpo", {}),
     ("inpo", {"inpo_eta": 0.1}),
 ]
@@ -131,17 +133,24 @@ def test_swapping_winner_and_loser_flips_the_margin(name, kw):
     assert torch.allclose(a, -b, rtol=1e-4, atol=1e-7)
 
 
+def backward(out):
+    """What the trainer does: back-propagate the loss, or each chunk of a two-pass objective in turn."""
+    for term in out.backward_terms():
+        term().mean().backward()
+
+
 def grad_norm_at_init(name, **kw):
     model = LinearDenoiser()
     z0, cond, null = pair_batch()
     torch.manual_seed(0)
-    OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw)).loss.mean().backward()
+    backward(OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw)))
     return model.D.grad.norm().item()
 
 
 def test_reference_target_has_zero_gradient_at_initialisation():
     # method.md's warning, reproduced: every term is a squared distance that is 0 at policy == reference
     assert grad_norm_at_init("inversion_dpo", inversion_target="reference") == 0.0
+    assert grad_norm_at_init("inversion_dpo", inversion_target="reference", inversion_chunk_steps=1) == 0.0
     assert grad_norm_at_init("inversion_dpo", inversion_target="step") > 0.0
     assert grad_norm_at_init("inversion_dpo", inversion_target="x0") > 0.0
 
@@ -157,7 +166,7 @@ def test_gradient_steps_lower_the_loss_and_prefer_the_winner(name, kw):
         out = OBJECTIVES[name](model.policy, model.reference, z0, cond, null, make_cfg(**kw))
         losses.append(out.loss.mean().item())
         optimizer.zero_grad()
-        out.loss.mean().backward()
+        backward(out)
         optimizer.step()
     assert losses[-1] < losses[0] - 1e-3
     assert (out.margin < 0).all()  # the implicit reward now prefers every winner
@@ -225,7 +234,7 @@ def test_k_of_n_gradient_is_unbiased_and_the_loss_exact(target):
         out = inversion_dpo(
             model.policy, model.reference, z0, cond, null, make_cfg(inversion_target=target, inversion_grad_steps=k)
         )
-        out.loss.sum().backward()
+        backward(out)
         return model.D.grad.clone(), out.loss.detach()
 
     exact_grad, exact_loss = grad_and_loss(None)
@@ -238,3 +247,57 @@ def test_k_of_n_gradient_is_unbiased_and_the_loss_exact(target):
     single = draws[0][0]
     assert not torch.allclose(single, exact_grad, rtol=1e-3)  # one draw really is a sample
     assert torch.allclose(grad_and_loss(5)[0], exact_grad, atol=1e-6)  # k = N is the exact path
+
+
+def moved_model(seed=5):
+    model = LinearDenoiser()
+    with torch.no_grad():
+        model.D.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("target", ["reference", "step", "x0"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_two_pass_gradient_equals_the_one_graph_gradient(target, loss_type):
+    # method.md's flat-memory scheme: pass 1 without grad, then chunk after chunk with its own backward; the
+    # gradients accumulate in .grad to exactly the one-graph gradient of the whole trajectory inside one link
+    from inversion_dpo.objectives import inversion_dpo
+
+    z0, cond, null = pair_batch()
+    model = moved_model()
+
+    def grad_and_loss(chunk):
+        model.D.grad = None
+        cfg = make_cfg(inversion_target=target, loss_type=loss_type, inversion_chunk_steps=chunk, beta=50.0)
+        out = inversion_dpo(model.policy, model.reference, z0, cond, null, cfg)
+        assert (out.grad_chunks is None) == (chunk is None)
+        backward(out)
+        return model.D.grad.clone(), out.loss.detach()
+
+    one_graph_grad, one_graph_loss = grad_and_loss(None)
+    assert one_graph_grad.abs().max() > 0
+    for chunk in (1, 2, 4):  # N = 5: 5, 3 and 2 backward calls
+        grad, loss = grad_and_loss(chunk)
+        assert torch.allclose(loss, one_graph_loss, atol=1e-6)
+        assert torch.allclose(grad, one_graph_grad, rtol=1e-4, atol=1e-7), chunk
+
+
+def test_per_step_margin_averages_to_the_trajectory_margin():
+    # inversion_margin "step": E_i[w_i m_i] over the N steps is the trajectory margin (1/N) sum_i w_i m_i
+    from inversion_dpo.objectives import inversion_policy, invert_pairs
+
+    z0, cond, null = pair_batch()
+    model = moved_model()
+    cfg = make_cfg()
+    every = invert_pairs(model.reference, z0, cond, null, cfg)
+    trajectory = inversion_policy(model.policy, every, cond, cfg).margin
+    step_cfg = make_cfg(inversion_margin="step")
+    per_step = []
+    for i in range(5):
+        steps = torch.full((1, 6), i)
+        one = invert_pairs(model.reference, z0, cond, null, step_cfg, steps)  # walks only up to step i
+        for a, b in zip(one, every.take(steps)):
+            assert a is None and b is None or torch.allclose(a.float(), b.float(), atol=1e-6)
+        per_step.append(inversion_policy(model.policy, one, cond, step_cfg).margin)
+    assert torch.allclose(torch.stack(per_step).mean(0), trajectory, rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(per_step[0], trajectory, rtol=1e-2)

@@ -19,10 +19,27 @@ OBJECTIVES = [
     ["--objective", "diffusion_dpo", "--use_8bit_adam", "--gradient_checkpointing"],
     ["--objective", "inversion_dpo", "--inversion_target", "reference"],
     ["--objective", "inversion_dpo", "--inversion_target", "step", "--inversion_guidance_scale", "2"],
-    ["--objective", "inversion_dpo", "--inversion_target", "x0", "--timestep_weighting", "uniform"],
+    [
+        "--objective",
+        "inversion_dpo",
+        "--inversion_target",
+        "x0",
+        "--timestep_weighting",
+        "uniform",
+        "--inversion_margin",
+        "step",
+    ],
     ["--objective", "inpo", "--inpo_eta", "0.1", "--loss_type", "hinge"],
-    ["--objective", "sft", "--mixed_precision", "bf16", "--validation_prompts", "a red circle",
-     "--validation_num_inference_steps", "2"],
+    [
+        "--objective",
+        "sft",
+        "--mixed_precision",
+        "bf16",
+        "--validation_prompts",
+        "a red circle",
+        "--validation_num_inference_steps",
+        "2",
+    ],
 ]
 
 
@@ -46,7 +63,7 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
     )
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("loss", "lr"):
+    for key in ("loss", "lr", "seconds"):
         assert all(math.isfinite(r[key]) for r in rows)
     name = objective[1]
     if name != "sft":
