@@ -160,9 +160,9 @@ def main(args):
         f"{base_acc:.1%}, mean score {base_score:.3f}. {args.max_train_steps} steps, seeds {args.seeds}; "
         f"shared flags `{args.train_args}`.",
         "",
-        "| run | accuracy (final, mean over seeds) | seeds' range | mean score | win rate vs base [95% CI] | "
-        "s / step | UNet fwd-equiv / pair / step | to reach diffusion_dpo's final accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | accuracy (final, mean over seeds) | seeds' range | best checkpoint | mean score | "
+        "win rate vs base [95% CI] | s / step | UNet fwd-equiv / pair / step | to reach diffusion_dpo's final accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     series = {"steps": {}, "unet": {}, "seconds": {}}
     for label in args.runs:
@@ -178,15 +178,16 @@ def main(args):
         if target is not None:
             hit = next((row for row in acc if row[1] >= target), None)
             reached = f"{hit[3]:.0f} evals, {hit[2]:.0f} s (step {hit[0]})" if hit else "not reached"
+        best = max(acc, key=lambda row: row[1])
         lines.append(
             f"| {label} | {acc[-1][1]:.1%} ({acc[-1][1] - base_acc:+.1%}) | {min(finals):.1%} - {max(finals):.1%} | "
-            f"{score[-1][1]:.3f} | {wins['win_rate']:.2f} [{wins['low']:.2f}, {wins['high']:.2f}] | "
+            f"{best[1]:.1%} (step {best[0]}) | {score[-1][1]:.3f} | {wins['win_rate']:.2f} [{wins['low']:.2f}, {wins['high']:.2f}] | "
             f"{seconds / steps[-1]:.2f} | {evals / steps[-1]:.1f} | {reached} |"
         )
         for name, i in (("steps", 0), ("unet", 3), ("seconds", 2)):
             series[name][label] = [(0.0, base_acc)] + [(row[i], row[1]) for row in acc]
     mean, low, high = mean_interval(base["passed"])
-    lines.append(f"| base | {mean:.1%} [{low:.1%}, {high:.1%}] | | {base_score:.3f} | | | | |")
+    lines.append(f"| base | {mean:.1%} [{low:.1%}, {high:.1%}] | | | {base_score:.3f} | | | | |")
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
