@@ -9,7 +9,7 @@ also as a ratio to Diffusion-DPO (= 1.00); then peak memory against the number o
 Every configuration runs the real trainer (``train_inversion_dpo.py``'s ``main``, flags as a user gives them) in a
 process of its own, with one torch thread:
 
-- seconds per pair: the median wall time of an optimizer step (``seconds`` in metrics.jsonl) over the steps after
+- seconds per pair: the median wall time of an optimizer step (``step_seconds`` in metrics.jsonl) over the steps after
   the first, divided by the pairs per step; cached runs read a cache built beforehand, whose one-off cost is shown
   apart, per pair;
 - UNet rows per pair: every UNet forward is counted by its batch rows, with grad or without; "forward-equivalents"
@@ -73,7 +73,7 @@ def child(spec: dict):
     metrics_file = os.path.join(output_dir, "logs", "metrics.jsonl")
     if os.path.exists(metrics_file):
         with open(metrics_file) as f:
-            steps = [json.loads(line)["seconds"] for line in f if '"seconds"' in line]
+            steps = [json.loads(line)["step_seconds"] for line in f if '"step_seconds"' in line]
     result = {
         "rows": rows,
         "steps": steps,

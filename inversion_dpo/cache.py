@@ -23,9 +23,9 @@ What is stored, per pair, flip and image (winner, loser), for the K stored steps
 - the conditioning in float32, once where it is shared (SD 1.x: one caption embedding per pair for both images and
   flips; SDXL's time ids differ by image and flip).
 
-Augmentation: flips are kept. With the random flip on (the trainers' default) both flips of every pair are stored
-(twice the disk and build time; ``--no_hflip`` halves them), and a run picks one by the same (seed, epoch, row) draw
-as an uncached run, so the two see the same data. Random crops cannot be enumerated: ``--random_crop`` with a cache
+Augmentation: flips are kept. With ``--random_flip`` both flips of every pair are stored (twice the disk and build
+time; without it, only the unflipped images), and a run picks one by the same (seed, epoch, row) draw as an uncached
+run, so the two see the same data. Random crops cannot be enumerated: ``--random_crop`` with a cache
 is an error.
 """
 

@@ -1,4 +1,5 @@
-"""Sampling and scoring a (shapes-world) Stable Diffusion pipeline with fixed seeds.
+"""Sampling and scoring a (shapes-world) Stable Diffusion pipeline with fixed seeds (``load_pipeline`` and ``sample``
+also serve ``evaluate.py`` for any SD or SDXL model).
 
 ``sample`` draws K images per prompt: image j of every prompt starts from the noise of seed ``seed + j``
 (common random numbers: two models, or a model with and without a LoRA, are compared on the same noise).
@@ -21,16 +22,36 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 5.0
 
 
-def load_pipeline(model_path: str, lora_path: Optional[str] = None):
-    """A StableDiffusionPipeline from a folder (no safety checker), optionally with LoRA weights, on the CPU."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def load_pipeline(model_path: str, lora_path: Optional[str] = None, torch_dtype=None):
+    """An SD or SDXL pipeline from a folder or Hub id (no safety checker; safetensors only), with DDIM, optionally
+    with LoRA weights. A model or adapter that cannot be loaded is a one-line DataError naming it."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None, feature_extractor=None)
+    from .data import DataError, first_line
+
+    try:
+        components = DiffusionPipeline.load_config(model_path)
+        no_checker = {"safety_checker": None, "feature_extractor": None} if "safety_checker" in components else {}
+        pipe = DiffusionPipeline.from_pretrained(
+            model_path, use_safetensors=True, torch_dtype=torch_dtype, **no_checker
+        )
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not load model '{model_path}': {first_line(e)}") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path:
-        pipe.load_lora_weights(lora_path)
+        load_adapter(pipe, lora_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_adapter(pipe, lora_path: str, adapter_name: Optional[str] = None):
+    """``pipe.load_lora_weights`` from safetensors only, with a one-line DataError naming the adapter."""
+    from .data import DataError, first_line
+
+    try:
+        pipe.load_lora_weights(lora_path, adapter_name=adapter_name, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"could not load adapter '{lora_path}': {first_line(e)}") from None
 
 
 @torch.no_grad()
@@ -42,11 +63,13 @@ def sample(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 64,
+    size: Optional[int] = None,
 ) -> List[List[Image.Image]]:
-    """``num_images`` 32 x 32 images per prompt; image j of each prompt uses seed ``seed + j``."""
+    """``num_images`` images per prompt, ``size`` square (default: the model's own, 32 in the shapes world); image j
+    of each prompt uses seed ``seed + j``."""
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
     out: List[List[Optional[Image.Image]]] = [[None] * num_images for _ in prompts]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         images = pipe(

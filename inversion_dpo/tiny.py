@@ -208,3 +208,76 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
 def save_tiny_sdxl(path: str, seed: int = 0, **kwargs) -> str:
     tiny_sdxl_pipeline(seed, **kwargs).save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward-model stand-ins for evaluate.py: the real architectures (CLIP, BLIP) at toy sizes, saved like the real ones
+
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+               "image_size": 32, "patch_size": 8}  # fmt: skip
+
+
+def save_tiny_clip(path: str, seed: int = 0) -> str:
+    """A CLIPModel (32-wide, one layer per tower, 32 px images) with its CLIPProcessor, as PickScore, HPSv2, CLIP
+    score and the aesthetic predictor's CLIP are stored."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer()
+    text = _text_config(tokenizer).to_dict()
+    vision = CLIPVisionConfig(**TINY_VISION).to_dict()
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def save_linear_head(path: str, sizes: Sequence[int], seed: int = 0, **scalars) -> str:
+    """Linear layers ``layers.<i>`` of the given sizes (indices as in LAION's predictor: 0, 2, 4, ...), plus scalar
+    tensors (ImageReward's mean and std), as safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = {}
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layer = torch.nn.Linear(n_in, n_out)
+        state[f"layers.{2 * k}.weight"], state[f"layers.{2 * k}.bias"] = layer.weight.detach(), layer.bias.detach()
+    state.update({name: torch.tensor(float(value)) for name, value in scalars.items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def save_tiny_imagereward(path: str, seed: int = 0, mean: float = 0.5, std: float = 2.0) -> str:
+    """A BlipForImageTextRetrieval (32-wide, 32 px) with a BERT word-piece tokenizer of letters, its processor and
+    an ``imagereward_head.safetensors`` (32 -> 8 -> 1, mean, std): ImageReward's layout in transformers' BLIP."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForImageTextRetrieval,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + letters + ["##" + c for c in letters]
+    vocab_file = os.path.join(path, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file)
+    text = BlipTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+        max_position_embeddings=40, encoder_hidden_size=32, pad_token_id=0, bos_token_id=2, sep_token_id=3,
+    )  # fmt: skip
+    vision = BlipVisionConfig(**TINY_VISION)
+    config = BlipConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16, image_text_hidden_size=16
+    )
+    BlipForImageTextRetrieval(config).save_pretrained(path)
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    save_linear_head(os.path.join(path, "imagereward_head.safetensors"), [32, 8, 1], seed, mean=mean, std=std)
+    return path

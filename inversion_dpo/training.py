@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,31 @@ import torch
 from PIL import Image
 
 from . import cache as inversion_cache
-from .data import DataError, PairColumns, PreferencePairs, check_columns, collate_pairs, drop_ties, load_pairs_dataset
+from .checkpoint import (
+    LORA_FILE,
+    OPTIMIZER_FILE,
+    TRAINING_STATE_FILE,
+    decode_tree,
+    fsync_folder,
+    json_tree,
+    load_tree,
+    random_states,
+    random_states_file,
+    save_tree,
+    set_random_states,
+)
+from .data import (
+    DataError,
+    PairColumns,
+    PreferencePairs,
+    check_columns,
+    check_rows,
+    collate_pairs,
+    first_line,
+    load_pairs_dataset,
+    raw_images,
+    select_pairs,
+)
 from .ddim import ddim_grid
 from .objectives import (
     INVERSION_MARGINS,
@@ -37,6 +62,11 @@ logger = logging.getLogger("inversion_dpo")
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_PREFIX = ".partial-checkpoint-"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, gradient or weight); the message is one line naming the step."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,13 +97,26 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         help="1 if the first image is preferred, 0 if the second, 0.5 for a tie (dropped and counted).",
     )
     g.add_argument("--caption_column", default="caption")
-    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N pairs (after ties).")
+    g.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Use only the first N usable pairs (after ties and bad rows).",
+    )
+    g.add_argument(
+        "--max_bad_fraction",
+        type=float,
+        default=0.05,
+        help="Rows that cannot make a pair (unreadable, truncated, tiny or huge image, bad label, missing or empty "
+        "caption) are skipped and counted; more than this fraction of the rows checked stops the run with an error.",
+    )
     g.add_argument("--resolution", type=int, default=default_resolution)
     g.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
     g.add_argument(
-        "--no_hflip",
+        "--random_flip",
         action="store_true",
-        help="Turn off the random horizontal flip (one flip is shared by both images of a pair).",
+        help="Random horizontal flips (one flip shared by both images of a pair). Off by default: a flip makes a "
+        "caption that says left or right wrong.",
     )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g = p.add_argument_group("objective")
@@ -192,6 +235,12 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
     g.add_argument(
+        "--lora_target_modules",
+        default=",".join(LORA_TARGET_MODULES),
+        help="Comma-separated UNet module names (peft suffix match) that get LoRA: the attention projections by "
+        "default; add e.g. conv1,conv2,proj_in,proj_out for the ResNet convolutions and the transformer projections.",
+    )
+    g.add_argument(
         "--mixed_precision",
         default=None,
         choices=["no", "fp16", "bf16"],
@@ -218,6 +267,12 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
+    g.add_argument(
+        "--license",
+        default=None,
+        help="The card's license. Default: the base model's, read from its card when at hand (a local folder or the "
+        'Hub cache), else "other".',
+    )
     return p
 
 
@@ -256,6 +311,8 @@ def check_args(args):
         raise SystemExit(f"error: --cache_steps must be at least 1, got {args.cache_steps}")
     if args.resolution % 8:
         raise SystemExit(f"error: --resolution must be a multiple of 8, got {args.resolution}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise SystemExit(f"error: --max_bad_fraction must be between 0 and 1, got {args.max_bad_fraction}")
     args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
     return args
 
@@ -268,22 +325,27 @@ def cpu_launch_command(script: str) -> list:
 
 
 def run_cli(main, parse_args):
-    """Runs a script's main; bad input ends in one line naming the problem, not a traceback."""
+    """Runs a script's main; bad input or a diverged run ends in one line naming the problem, not a traceback."""
     try:
         main(parse_args())
-    except DataError as e:
+    except (DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside the training loop (loading, checking data, the final save)
+        print("error: interrupted outside a training step; the last complete checkpoint stays", file=sys.stderr)
+        sys.exit(130)
 
 
 def load_component(cls, model, subfolder, **kwargs):
-    """``cls.from_pretrained`` with a one-line error naming the model when it is neither a folder nor reachable."""
+    """``cls.from_pretrained`` with a one-line error naming the model when it is neither a folder nor reachable.
+    Weights load from safetensors only: a ``.bin`` is a pickle, and unpickling runs code."""
+    if issubclass(cls, torch.nn.Module):
+        kwargs["use_safetensors"] = True
     try:
         return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as e:
         where = "local folder" if os.path.isdir(model) else "Hub id (offline, or no such repository?)"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"could not load '{subfolder}' of model '{model}' as a {where}: {reason}") from None
+        raise DataError(f"could not load '{subfolder}' of model '{model}' as a {where}: {first_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,6 +362,7 @@ def make_accelerator(args):
 
         if not is_wandb_available():
             raise SystemExit("error: --report_to wandb needs wandb: pip install wandb")
+    stop_with_launcher()  # first: a launcher killed while the data is checked must not leave this process running
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -324,6 +387,10 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def lora_targets(args) -> List[str]:
+    return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+
 def prepare_unet(unet, args, weight_dtype, device):
     """Freezes the UNet, adds the LoRA adapter ("default") on its attention projections, keeps LoRA in fp32."""
     from diffusers.training_utils import cast_training_params
@@ -332,7 +399,7 @@ def prepare_unet(unet, args, weight_dtype, device):
     unet.requires_grad_(False)
     unet.to(device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     unet.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=lora_targets(args))
     )
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)
@@ -380,7 +447,7 @@ def load_lora_into_adapter(unet, pipeline_cls, folder):
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    state_dict, _ = pipeline_cls.lora_state_dict(folder)
+    state_dict, _ = pipeline_cls.lora_state_dict(folder, weight_name=LORA_FILE)
     unet_state = convert_unet_state_dict_to_peft(
         {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
     )
@@ -391,7 +458,8 @@ def load_lora_into_adapter(unet, pipeline_cls, folder):
 
 
 def register_lora_hooks(accelerator, pipeline_cls):
-    """accelerate's save_state/load_state write and read the adapter as pytorch_lora_weights.safetensors."""
+    """Under DeepSpeed or FSDP, where the engines shard the optimizer and checkpoints are theirs: accelerate's
+    save_state/load_state write and read the adapter as pytorch_lora_weights.safetensors."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -417,17 +485,78 @@ def list_checkpoints(output_dir) -> List[str]:
     return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)))
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None):
-    """Writes checkpoint-<step> atomically: into a temporary folder that is renamed when complete, so that a crash
-    mid-write never leaves a broken folder for --resume_from_checkpoint latest to pick. Then rotates."""
+def engine_checkpoints(accelerator) -> bool:
+    """DeepSpeed and FSDP shard the optimizer state and write checkpoints in their own (pickled) formats."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def write_training_state(folder, accelerator, unet, pipeline_cls, optimizer, lr_scheduler, step):
+    """A checkpoint's files, none of them a pickle (``inversion_dpo/checkpoint.py``): the main process writes the
+    adapter, optimizer, scheduler and step; every process its random states."""
+    if accelerator.is_main_process:
+        pipeline_cls.save_lora_weights(folder, unet_lora_layers=lora_state_dict_of(accelerator.unwrap_model(unet)))
+        # fault-injection hook for the tests: a slow save, so that a kill -9 can land in the middle of one
+        time.sleep(float(os.environ.get("INVERSION_DPO_TEST_SLOW_SAVE", 0)))
+        save_tree(os.path.join(folder, OPTIMIZER_FILE), optimizer.state_dict())
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {
+            "step": step,
+            "accelerator_step": accelerator.step,
+            "scheduler": json_tree(lr_scheduler.state_dict()),
+            "scaler": json_tree(scaler) if scaler is not None else None,
+        }
+        with open(os.path.join(folder, TRAINING_STATE_FILE), "w") as f:
+            json.dump(state, f)
+    save_tree(os.path.join(folder, random_states_file(accelerator.process_index)), random_states())
+
+
+def read_training_state(folder, accelerator, unet, pipeline_cls, optimizer, lr_scheduler) -> int:
+    """Loads what ``write_training_state`` wrote; returns the step. Nothing is unpickled."""
+    missing = [
+        f for f in (LORA_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE) if not os.path.isfile(os.path.join(folder, f))
+    ]
+    if missing:
+        pickled = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pkl", ".pt"))]
+        raise DataError(
+            f"checkpoint '{folder}' has no {missing[0]}"
+            + (f"; it holds pickles ({', '.join(pickled)}), which this trainer does not load" if pickled else "")
+        )
+    load_lora_into_adapter(accelerator.unwrap_model(unet), pipeline_cls, folder)
+    optimizer.load_state_dict(load_tree(os.path.join(folder, OPTIMIZER_FILE)))
+    with open(os.path.join(folder, TRAINING_STATE_FILE)) as f:
+        state = json.load(f)
+    lr_scheduler.load_state_dict(decode_tree(state["scheduler"], {}))
+    if state["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(decode_tree(state["scaler"], {}))
+    accelerator.step = state["accelerator_step"]
+    rng_file = os.path.join(folder, random_states_file(accelerator.process_index))
+    if os.path.isfile(rng_file):
+        set_random_states(load_tree(rng_file))
+    else:
+        logger.warning(f"{rng_file} missing (more processes than the run that wrote it?): random streams start anew")
+    return int(state["step"])
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, training_state=None):
+    """Writes checkpoint-<step> atomically: into a temporary folder, flushed to disk and renamed when complete, so
+    that a crash or kill -9 mid-write never leaves a broken folder for --resume_from_checkpoint latest to pick. Then
+    rotates. ``training_state``: (unet, pipeline_cls, optimizer, lr_scheduler) for ``write_training_state``."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    partial = os.path.join(output_dir, f".partial-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.exists(partial):
-        shutil.rmtree(partial)
+    partial = os.path.join(output_dir, f"{PARTIAL_PREFIX}{step}")
+    if accelerator.is_main_process:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
+    if training_state is None or engine_checkpoints(accelerator):
+        accelerator.save_state(partial)
+    else:
+        write_training_state(partial, accelerator, *training_state, step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_folder(partial)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -437,6 +566,16 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_partial_checkpoints(output_dir):
+    """Removes what a save killed mid-write left behind (never picked by ``latest``)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(PARTIAL_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name))
+            logger.warning(f"removed {name}, a checkpoint whose save was interrupted")
 
 
 def resolve_resume(resume_from_checkpoint, output_dir) -> Optional[str]:
@@ -501,8 +640,62 @@ def run_validation(pipeline, prompts, args, accelerator, step, tag="validation")
     return images
 
 
-def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, sample_file=None):
-    dataset_line = f"datasets:\n- {args.dataset_name}\n" if not os.path.exists(args.dataset_name) else ""
+SAMPLES_DIR = "samples"
+GRID_FILE = "validation.png"
+# what --push_to_hub uploads, and nothing else (no checkpoint, log or validation history)
+UPLOADED = [LORA_FILE, "README.md", GRID_FILE, f"{SAMPLES_DIR}/*.png"]
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repository id (``owner/name``) rather than a local path: only those belong in card metadata."""
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def base_model_license(model: str) -> Optional[str]:
+    """The license in the base model's card, read without the network: a local folder's README.md or the Hub cache's
+    copy. None when neither is at hand."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    path = os.path.join(model, "README.md") if os.path.isdir(model) else None
+    if path is None and is_hub_id(model):
+        cached = try_to_load_from_cache(model, "README.md")
+        path = cached if isinstance(cached, str) else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return ModelCard.load(path).data.license
+    except Exception:  # a card we cannot parse gives no license, not a failed run
+        return None
+
+
+def save_samples(images, prompts, folder) -> List[tuple]:
+    """The final validation's images as ``samples/<i>.png`` plus their grid; returns (prompt, file) pairs."""
+    os.makedirs(os.path.join(folder, SAMPLES_DIR), exist_ok=True)
+    samples = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = f"{SAMPLES_DIR}/{i:02d}.png"
+        image.save(os.path.join(folder, name))
+        samples.append((prompt, name))
+    image_grid(images).save(os.path.join(folder, GRID_FILE))
+    return samples
+
+
+def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, samples=()):
+    """README.md as a huggingface_hub ModelCard: metadata the Hub validates (base_model, license, datasets, tags,
+    pipeline_tag, library_name, a widget of the final samples) and a body saying how it was trained."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = args.pretrained_model_name_or_path
+    license_ = args.license or base_model_license(base) or "other"
+    data = ModelCardData(
+        base_model=base if is_hub_id(base) else None,
+        license=license_,
+        datasets=[args.dataset_name] if is_hub_id(args.dataset_name) else None,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["diffusers", "lora", "text-to-image", "inversion-dpo", architecture],
+        widget=[{"text": prompt, "output": {"url": name}} for prompt, name in samples] or None,
+    )
     objective = args.objective
     settings = f"beta_dpo {args.beta_dpo:g}, loss {args.loss_type}"
     if objective == "inversion_dpo":
@@ -512,52 +705,49 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
         )
     elif objective == "inpo":
         settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
-    sample = f"\n![validation samples](./{sample_file})\n" if sample_file else ""
-    card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-library_name: diffusers
-pipeline_tag: text-to-image
-{dataset_line}tags:
-- diffusers
-- lora
-- text-to-image
-- inversion-dpo
-- {architecture}
+    sample_lines = ""
+    if samples:
+        sample_lines = (
+            f"\n## Samples\n\nFrom the final validation (seeds {args.seed or 0}.., "
+            f"{args.validation_num_inference_steps} steps, guidance {args.validation_guidance_scale:g}):\n\n"
+            + "\n".join(f"- `{prompt}`\n\n  ![{prompt}](./{name})\n" for prompt, name in samples)
+        )
+    content = f"""---
+{data.to_yaml()}
 ---
 
-# Inversion-DPO LoRA for {args.pretrained_model_name_or_path}
+# Inversion-DPO LoRA for {base}
 
 A LoRA adapter (rank {args.rank}) trained with `{objective}` ({settings}) on {num_pairs} preference pairs from
 `{args.dataset_name}` for {global_step} optimizer steps (batch {args.train_batch_size} x accumulation
 {args.gradient_accumulation_steps}, learning rate {args.learning_rate:g}, resolution {args.resolution}).
-{sample}
+{sample_lines}
 ## Use
 
 ```python
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")
 image = pipe("a prompt").images[0]
 ```
 """
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(card)
+    card = ModelCard(content)  # parses the metadata back: a card that does not round-trip fails here, not on the Hub
+    card.save(os.path.join(folder, "README.md"))
+    return card
 
 
 def push_folder_to_hub(args, folder):
-    from huggingface_hub import create_repo, upload_folder
+    """Uploads the adapter, the card and the samples (``UPLOADED``); the Hub validates the card's metadata first."""
+    from huggingface_hub import HfApi
 
-    repo_id = create_repo(
-        args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True, token=args.hub_token
-    ).repo_id
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        token=args.hub_token,
-        commit_message="Inversion-DPO LoRA",
-        ignore_patterns=["checkpoint-*", ".partial-checkpoint-*", "logs/*", "validation/*"],
+    if not is_hub_id(args.pretrained_model_name_or_path):
+        logger.warning("the base model is a local path: the card names no base_model")
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message="Inversion-DPO LoRA", allow_patterns=UPLOADED
     )
     return repo_id
 
@@ -612,15 +802,37 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
     )
 
 
-def make_denoisers(accelerator, unet, weight_dtype):
+class UNetCounter:
+    """Rows (samples) the UNet was run on, with and without grad: the compute an objective spends."""
+
+    def __init__(self):
+        self.grad_rows, self.no_grad_rows = 0, 0
+
+    def add(self, x):
+        if torch.is_grad_enabled():
+            self.grad_rows += x.shape[0]
+        else:
+            self.no_grad_rows += x.shape[0]
+
+    def take(self):
+        """(rows with grad, rows without) since the last call."""
+        out = (self.grad_rows, self.no_grad_rows)
+        self.grad_rows, self.no_grad_rows = 0, 0
+        return out
+
+
+def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounter] = None):
     """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
-    weights with the adapter off: no second copy of the UNet is ever held."""
+    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows."""
     base = accelerator.unwrap_model(unet)
+    counter = counter or UNetCounter()
 
     def policy(x, t, cond):
+        counter.add(x)
         return unet(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
 
     def reference(x, t, cond):
+        counter.add(x)
         base.disable_adapters()
         try:
             return base(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
@@ -689,17 +901,40 @@ class MetricsLog:
 
 
 def load_pairs(args, accelerator):
+    """Loads the pairs and checks every row once (before the models, so bad data fails fast). Skipped rows are
+    counted by reason and listed in <logging_dir>/bad_rows.jsonl. Returns the dataset and the counts."""
     columns = PairColumns(args.image_column_0, args.image_column_1, args.label_column, args.caption_column)
+    error = None
     with accelerator.main_process_first():
-        dataset, base_dir = load_pairs_dataset(
-            args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir
-        )
-    check_columns(dataset, columns, args.dataset_name)
-    num_rows = len(dataset)
-    dataset, num_ties = drop_ties(dataset, columns, args.dataset_name)
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    logger.info(f"{args.dataset_name}: {num_rows} rows, {num_ties} ties dropped, {len(dataset)} pairs used")
+        # the main process goes first (the others then read datasets' cache of a file-backed dataset's check); an
+        # error is raised after the barrier, so that the others are not left waiting at it
+        try:
+            dataset, base_dir = load_pairs_dataset(
+                args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir
+            )
+            check_columns(dataset, columns, args.dataset_name)
+            dataset = raw_images(dataset, columns)
+            check = check_rows(
+                dataset,
+                columns,
+                args.resolution,
+                base_dir,
+                max_pairs=args.max_train_samples,
+                num_proc=args.dataloader_num_workers or None,
+            )
+        except DataError as e:
+            error = e
+    if error is not None:
+        raise error
+    counts = check.counts()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.logging_dir, "bad_rows.jsonl"), "w") as f:
+            for row, reason, message in check.bad:
+                f.write(json.dumps({"row": row, "reason": reason, "message": message}) + "\n")
+        for row, _, message in check.bad[:5]:
+            logger.warning(f"{args.dataset_name}, row {row} skipped: {message}")
+    dataset = select_pairs(dataset, columns, check, args.dataset_name, args.max_bad_fraction)
+    logger.info(f"{args.dataset_name}: {counts}")
     pairs = PreferencePairs(
         dataset,
         columns,
@@ -707,10 +942,75 @@ def load_pairs(args, accelerator):
         base_dir=base_dir,
         source=args.dataset_name,
         random_crop=args.random_crop,
-        hflip=not args.no_hflip,
+        hflip=args.random_flip,
         seed=args.seed or 0,
+        row_ids=check.keep,
     )
-    return pairs, {"rows": num_rows, "ties_dropped": num_ties, "pairs": len(dataset)}
+    return pairs, counts
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any: all processes take the same branch at a collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
+
+
+class StopRequest:
+    """SIGTERM (pre-emption, ``kill``) and SIGINT (Ctrl-C) only set a flag, which the loop reads at the end of an
+    optimizer step: it saves a checkpoint there and stops, never mid-step. A second Ctrl-C stops at once without
+    saving (the last complete checkpoint stays)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.name, self.previous = None, {}
+
+    def handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            os.write(2, b"\nerror: interrupted again: stopped without saving; the last complete checkpoint stays\n")
+            os._exit(130)
+        self.name = signal.Signals(signum).name
+        # os.write, not print: a handler can interrupt a print (tqdm's) and buffered writers are not reentrant
+        os.write(2, f"\n{self.name}: stopping with a checkpoint at the end of this step ...\n".encode())
+
+    def install(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def stop_with_launcher():
+    """accelerate's single-process launcher waits on the script without passing signals on, so ``kill`` of the
+    launcher would leave the run going on alone. Linux can send the script SIGTERM when its parent dies: asked only
+    when the parent is accelerate's launcher (a shell's exit under nohup must not stop a run)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"accelerate" not in f.read():
+                return
+    except OSError:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the launcher died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def non_finite(step, what, value, output_dir) -> TrainingError:
+    found = list_checkpoints(output_dir)
+    kept = f"{found[-1]} stays the latest checkpoint" if found else "no checkpoint had been written yet"
+    return TrainingError(
+        f"step {step}: {what} is {value} (not finite); stopped without saving this step, {kept}. "
+        "Lower --learning_rate or --beta_dpo, keep --max_grad_norm on, or use bf16 instead of fp16"
+    )
 
 
 def train(args, accelerator, arch: Architecture, data):
@@ -763,9 +1063,12 @@ def train(args, accelerator, arch: Architecture, data):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    register_lora_hooks(accelerator, arch.pipeline_cls)
+    if engine_checkpoints(accelerator):
+        register_lora_hooks(accelerator, arch.pipeline_cls)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
-    policy, reference = make_denoisers(accelerator, unet, weight_dtype)
+    training_state = (unet, arch.pipeline_cls, optimizer, lr_scheduler)
+    counter = UNetCounter()
+    policy, reference = make_denoisers(accelerator, unet, weight_dtype, counter)
     objective = OBJECTIVES[args.objective]
 
     def objective_on(batch):
@@ -783,10 +1086,15 @@ def train(args, accelerator, arch: Architecture, data):
 
     # 3. Resume: the same adapter, the step count and the data order continue
     global_step, first_epoch, skip_batches = 0, 0, 0
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args.output_dir)
     resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if resume_path:
+    if resume_path and engine_checkpoints(accelerator):
         accelerator.load_state(resume_path)
         global_step = int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path))).group(1))
+    elif resume_path:
+        global_step = read_training_state(resume_path, accelerator, *training_state)
+    if resume_path:
         first_epoch = global_step // steps_per_epoch
         skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"resumed from {resume_path} at step {global_step}")
@@ -801,7 +1109,9 @@ def train(args, accelerator, arch: Architecture, data):
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
     sums, micro_steps, last = {}, 0, {}
-    step_started = time.perf_counter()  # per-step wall time, without checkpoints and validation
+    last_saved, interrupted = global_step if resume_path else None, None
+    stop = StopRequest().install()
+    step_start = time.perf_counter()
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         dataloader.set_epoch(epoch)
@@ -813,9 +1123,17 @@ def train(args, accelerator, arch: Architecture, data):
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
                     out = objective_on(batch)
+                loss = out.loss.mean()
+                if any_process(accelerator, not torch.isfinite(loss).item()):
+                    raise non_finite(global_step + 1, "the loss", loss.item(), args.output_dir)
                 backward_objective(accelerator, unet, out)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.sync_gradients:
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure only
+                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)  # None where an engine clips
+                    grad_norm = None if grad_norm is None else float(grad_norm)
+                    # under fp16 an overflow is the gradient scaler's business: it skips the step, lowers its scale
+                    if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
+                        raise non_finite(global_step + 1, "the gradient norm", grad_norm, args.output_dir)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -824,16 +1142,32 @@ def train(args, accelerator, arch: Architecture, data):
             if out.margin is not None:
                 values.update(margin=out.margin, accuracy=(out.margin < 0).float())
             values.update(out.logs)
+            # compute per pair: UNet rows with grad (a forward and a backward, about 3 forwards) and without
+            grad_rows, no_grad_rows = counter.take()
+            num_pairs = out.loss.shape[0]
+            values.update(
+                unet_grad_evals_per_pair=torch.tensor(grad_rows / num_pairs, device=device),
+                unet_evals_per_pair=torch.tensor(no_grad_rows / num_pairs, device=device),
+            )
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + accelerator.gather(v.float().reshape(-1)).mean().item()
             micro_steps += 1
 
             if accelerator.sync_gradients:
                 global_step += 1
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise non_finite(global_step, "an adapter weight", "nan or inf", args.output_dir)
                 progress.update(1)
                 last = {k: v / micro_steps for k, v in sums.items()}
-                last.update(step=global_step, epoch=epoch, lr=lr_scheduler.get_last_lr()[0])
-                last["seconds"] = time.perf_counter() - step_started
+                # wall-clock of this step's micro-steps, not of the checkpoints and validation that follow it
+                last.update(
+                    step=global_step,
+                    epoch=epoch,
+                    lr=lr_scheduler.get_last_lr()[0],
+                    step_seconds=time.perf_counter() - step_start,
+                )
+                if grad_norm is not None:
+                    last["grad_norm"] = grad_norm
                 if torch.cuda.is_available():
                     last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 sums, micro_steps = {}, 0
@@ -842,7 +1176,10 @@ def train(args, accelerator, arch: Architecture, data):
                 progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('accuracy', float('nan')):.2f}")
                 # the last step always gets a checkpoint, so a run can be extended with a larger --max_train_steps
                 if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                    save_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit, training_state
+                    )
+                    last_saved = global_step
                 if (
                     args.validation_prompts
                     and global_step % args.validation_steps == 0
@@ -856,25 +1193,43 @@ def train(args, accelerator, arch: Architecture, data):
                         accelerator,
                         global_step,
                     )
-                step_started = time.perf_counter()
+                if global_step < args.max_train_steps and any_process(accelerator, stop.name is not None):
+                    interrupted = stop.name or "a signal to another process"
+                    break
+                step_start = time.perf_counter()
             if global_step >= args.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= args.max_train_steps or interrupted:
             break
+    stop.restore()  # from here a signal acts as usual: the last step's checkpoint is already on disk
+
+    if interrupted:
+        if last_saved != global_step:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, training_state)
+        metrics_log.write({"interrupted": interrupted, "step": global_step, **data_counts})
+        if accelerator.is_main_process:
+            print(
+                f"stopped by {interrupted} at step {global_step} of {args.max_train_steps}: "
+                f"{os.path.join(args.output_dir, f'checkpoint-{global_step}')} is complete. To continue, run the same "
+                "command with --resume_from_checkpoint latest",
+                file=sys.stderr,
+                flush=True,
+            )
+        accelerator.end_training()
+        return last
 
     # 5. Save: the final checkpoint, the adapter in the diffusers LoRA format, samples, the card, the Hub
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         arch.pipeline_cls.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict_of(final_unet))
-        sample_file = None
+        samples = []
         if args.validation_prompts:
             images = run_validation(
                 arch.make_pipeline(final_unet), args.validation_prompts, args, accelerator, global_step, tag="final"
             )
-            sample_file = "validation.png"
-            image_grid(images).save(os.path.join(args.output_dir, sample_file))
-        write_model_card(args, args.output_dir, arch.name, len(pairs), global_step, sample_file)
+            samples = save_samples(images, args.validation_prompts, args.output_dir)
+        write_model_card(args, args.output_dir, arch.name, len(pairs), global_step, samples)
         summary = {"final": True, "step": global_step, **data_counts}
         metrics_log.write(summary)
         logger.info(f"saved the LoRA adapter to {args.output_dir}: {summary}")

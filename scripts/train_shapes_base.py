@@ -276,6 +276,11 @@ def main(argv=None):
     ap.add_argument("--save_every", type=int, default=0, help="also save EMA pipelines every N steps")
     ap.add_argument("--log_every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--init_from",
+        default=None,
+        help="continue phase 2 from a saved pipeline folder (its tokenizer, VAE and scaling factor are kept)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -285,11 +290,19 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
 
-    tokenizer = word_tokenizer(args.max_length)
+    if args.init_from:
+        from diffusers import StableDiffusionPipeline
+
+        init = StableDiffusionPipeline.from_pretrained(args.init_from, safety_checker=None, feature_extractor=None)
+        tokenizer, text_encoder, unet, vae = init.tokenizer, init.text_encoder, init.unet, init.vae
+        scheduler = init.scheduler
+    else:
+        tokenizer = word_tokenizer(args.max_length)
     for w in shapes_vocabulary():
         ids = tokenizer(w, add_special_tokens=False).input_ids
         assert len(ids) == 1, f"{w!r} is not one token: {ids}"
-    text_encoder, unet, vae, scheduler = build_models(tokenizer, args)
+    if not args.init_from:
+        text_encoder, unet, vae, scheduler = build_models(tokenizer, args)
     log(
         f"params: vae {n_params(vae):,} text_encoder {n_params(text_encoder):,} unet {n_params(unet):,}; "
         f"vocab {len(tokenizer)}"
@@ -299,12 +312,17 @@ def main(argv=None):
     log(f"rendered {len(images)} images of train prompts")
 
     # phase 1: autoencoder
-    train_vae(vae, images, args, log)
-    vae.requires_grad_(False)
-    latents = encode_all(vae, images)
-    scale = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
+    if args.init_from:
+        vae.requires_grad_(False)
+        scale = vae.config.scaling_factor
+        latents = encode_all(vae, images) * scale
+    else:
+        train_vae(vae, images, args, log)
+        vae.requires_grad_(False)
+        latents = encode_all(vae, images)
+        scale = 1.0 / latents.std().item()
+        vae.register_to_config(scaling_factor=scale)
+        latents = latents * scale
     log(f"latents {tuple(latents.shape)} scaling_factor {scale:.4f}; cached")
     log(f"vae reconstruction pass rate {vae_pass_rate(vae, scale, 200, args.seed + 7):.3f}")
 

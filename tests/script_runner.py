@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 from safetensors.torch import load_file
 
@@ -69,3 +70,39 @@ def metrics(output_dir):
 
 def lora(output_dir):
     return load_file(os.path.join(output_dir, "pytorch_lora_weights.safetensors"))
+
+
+def start(script, args, launcher="accelerate", extra_env=None):
+    """The script in the background, in its own session (so that a test can signal the launcher alone, or kill the
+    whole process group)."""
+    path = os.path.join(REPO, script)
+    cmd = cpu_launch_command(path) if launcher == "accelerate" else [sys.executable, path]
+    return subprocess.Popen(
+        cmd + [str(a) for a in args],
+        cwd=REPO,
+        env=dict(env(), **(extra_env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, proc, timeout=240):
+    """Polls ``condition()`` every 20 ms while ``proc`` runs."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before the moment awaited:\n{proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def steps_logged(output_dir):
+    path = os.path.join(output_dir, "logs", "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum('"loss"' in line for line in f)

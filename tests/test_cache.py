@@ -19,7 +19,7 @@ def runs(tiny_sd_dir, tiny_pairs_parquet, tmp_path_factory):
     flips on: the cache holds both flips; 6 pairs in shards of 2)."""
     root = tmp_path_factory.mktemp("cache")
     args = ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset_name", tiny_pairs_parquet,
-            "--max_train_steps", 3, "--inversion_target", "x0", *QUICK]  # fmt: skip
+            "--max_train_steps", 3, "--inversion_target", "x0", "--random_flip", *QUICK]  # fmt: skip
     cache = ["--inversion_cache", root / "caches", "--inversion_cache_shard_size", 2]
     out = {name: str(root / name) for name in ("recomputed", "float32", "float16")}
     run(SCRIPT, args + ["--output_dir", out["recomputed"]])

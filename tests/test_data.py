@@ -1,8 +1,13 @@
-"""Loading pairs from every supported source, ties, winner order, and the shared augmentation."""
+"""Loading pairs from every supported source, ties, winner order, the shared augmentation, and every kind of bad
+row (skipped and counted, or a one-line error)."""
 
+import io
 import json
 import os
 import random
+import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -14,11 +19,13 @@ from inversion_dpo.data import (
     PairColumns,
     PreferencePairs,
     check_columns,
-    drop_ties,
+    check_rows,
     load_pairs_dataset,
+    raw_images,
+    select_pairs,
     to_pil,
 )
-from inversion_dpo.tiny import tiny_pairs
+from inversion_dpo.tiny import jpeg_bytes, tiny_pairs
 
 
 def solid(color, size=(40, 32)):
@@ -31,12 +38,14 @@ def asymmetric(size=32):
     return Image.fromarray(a)
 
 
-def pairs_of(path, **kw):
+def pairs_of(path, max_bad_fraction=0.0, **kw):
     ds, base = load_pairs_dataset(path)
     cols = PairColumns(**kw)
     check_columns(ds, cols, path)
-    ds, ties = drop_ties(ds, cols, path)
-    return PreferencePairs(ds, cols, 32, base_dir=base, source=path, hflip=False), ties
+    ds = raw_images(ds, cols)
+    check = check_rows(ds, cols, 32, base)
+    ds = select_pairs(ds, cols, check, path, max_bad_fraction)
+    return PreferencePairs(ds, cols, 32, base_dir=base, source=path, hflip=False, row_ids=check.keep), check.ties
 
 
 def test_parquet_with_bytes_drops_ties_and_puts_the_winner_first(tiny_pairs_parquet):
@@ -108,21 +117,33 @@ def test_bad_labels_and_missing_columns_name_the_problem(tmp_path):
     records[1]["pref"] = 2
     with open(tmp_path / "bad.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    with pytest.raises(DataError, match=r"row 1: column 'pref' is 2"):
+    # one bad row of three is over any small --max_bad_fraction: the error names the first bad row and its column
+    with pytest.raises(
+        DataError, match=r"1 of 3 rows are bad .* row 1: column 'pref' is 2(\.0)?; expected 0, 0.5 or 1"
+    ):
         pairs_of(str(tmp_path / "bad.jsonl"), image_0="a", image_1="b", label_0="pref", caption="prompt")
+    # under the limit it is skipped: one pair left (row 0), row 2 is a tie
+    pairs, ties = pairs_of(
+        str(tmp_path / "bad.jsonl"), 0.5, image_0="a", image_1="b", label_0="pref", caption="prompt"
+    )
+    assert (len(pairs), ties) == (1, 1)
     with pytest.raises(DataError, match=r"no column 'jpg_0'.*--image_column_0"):
         pairs_of(str(tmp_path / "bad.jsonl"), label_0="pref", caption="prompt")
     with pytest.raises(DataError, match="is not one of"):
         load_pairs_dataset(str(tmp_path / "images" / "0a.png"))
 
 
-def test_unreadable_image_names_row_and_column(tmp_path):
+def test_unreadable_image_names_row_column_and_file(tmp_path):
     records = write_image_folder(tmp_path)
     records[0]["a"] = "images/missing.png"
     with open(tmp_path / "p.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    pairs, _ = pairs_of(str(tmp_path / "p.jsonl"), image_0="a", image_1="b", label_0="pref", caption="prompt")
-    with pytest.raises(DataError, match=r"row 0, column 'a': unreadable image"):
+    with pytest.raises(DataError, match=r"row 0: column 'a': unreadable image 'images/missing.png' \(FileNotFound"):
+        pairs_of(str(tmp_path / "p.jsonl"), image_0="a", image_1="b", label_0="pref", caption="prompt")
+    # a file that breaks after the check (deleted, rewritten) is a one-line error at training time, naming it
+    pairs, _ = pairs_of(str(tmp_path / "p.jsonl"), 0.5, image_0="a", image_1="b", label_0="pref", caption="prompt")
+    os.remove(tmp_path / "images" / "1b.jpg")
+    with pytest.raises(DataError, match=r"row 1, column 'b': unreadable image 'images/1b.jpg'"):
         pairs[0]
 
 
@@ -131,7 +152,7 @@ def test_one_flip_is_shared_by_the_pair_and_follows_seed_and_epoch():
 
     img = asymmetric()
     ds = datasets.Dataset.from_dict(
-        {"jpg_0": [img] * 16, "jpg_1": [img] * 16, "label_0": [1.0] * 16, "caption": [""] * 16},
+        {"jpg_0": [img] * 16, "jpg_1": [img] * 16, "label_0": [1.0] * 16, "caption": ["c"] * 16},
         features=datasets.Features(
             {
                 "jpg_0": datasets.Image(),
@@ -182,3 +203,170 @@ def test_crop_corner_is_mirrored_with_the_flip():
     _, (top_f, left_f) = resize_and_crop(image, 32, random.Random(0), flip=True)
     assert top_f == top and left_f == 32 - left
     assert resize_and_crop(image, 32, None, flip=True)[1] == (0, 16)  # a centred crop stays centred
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad rows: each kind is skipped and counted under its reason (or, for the whole dataset, a one-line error)
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def huge_png(width=100_000, height=100_000):
+    """A valid PNG header claiming width x height pixels (PIL refuses it as a decompression bomb before decoding)."""
+    data = bytearray(png_bytes(Image.new("L", (4, 4))))
+    ihdr = bytearray(data[12:29])  # chunk type + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def check_of(rows, resolution=32, max_pairs=None):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(rows)
+    return ds, check_rows(ds, PairColumns(), resolution, max_pairs=max_pairs)
+
+
+def good_rows(n, start=0):
+    rng = np.random.default_rng(start)
+    return {
+        "jpg_0": [jpeg_bytes(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for _ in range(n)],
+        "jpg_1": [jpeg_bytes(Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))) for _ in range(n)],
+        "label_0": [float(i % 2) for i in range(n)],
+        "caption": [f"caption {start + i}" for i in range(n)],
+    }
+
+
+def with_row(rows, **values):
+    """The rows plus one more: a good row with ``values`` in place."""
+    extra = good_rows(1, start=99)
+    extra.update({k: [v] for k, v in values.items()})
+    return {k: rows[k] + extra[k] for k in rows}
+
+
+GOOD = jpeg_bytes(Image.new("RGB", (32, 32), "red"))
+BAD_ROWS = {
+    "truncated": ("jpg_0", GOOD[: len(GOOD) // 2], "bad_image", r"column 'jpg_0': unreadable image \(OSError"),
+    "not an image": ("jpg_1", b"<html>404</html>", "bad_image", r"column 'jpg_1': unreadable image \(not an image"),
+    "empty bytes": ("jpg_0", b"", "bad_image", "unreadable image"),
+    "no image": ("jpg_0", None, "bad_image", "no image"),
+    "tiny": ("jpg_0", png_bytes(Image.new("RGB", (7, 40))), "small_image", "7 x 40 pixels, under 8"),
+    "huge": ("jpg_1", huge_png(), "large_image", r"column 'jpg_1': image too large \(.*decompression bomb"),
+    "label 2": ("label_0", 2.0, "bad_label", r"column 'label_0' is 2.0; expected 0, 0.5 or 1"),
+    "label -1": ("label_0", -1.0, "bad_label", "is -1.0"),
+    "label nan": ("label_0", float("nan"), "bad_label", "is nan"),
+    "label none": ("label_0", None, "bad_label", "is None"),
+    "empty caption": ("caption", "  ", "bad_caption", r"column 'caption' is empty"),
+    "missing caption": ("caption", None, "bad_caption", r"column 'caption' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_each_bad_row_is_skipped_and_counted_under_its_reason(case):
+    column, value, reason, message = BAD_ROWS[case]
+    rows = with_row(good_rows(3), **{column: value})
+    ds, check = check_of(rows)
+    assert check.keep == [0, 1, 2] and check.ties == 0
+    assert [(row, r) for row, r, _ in check.bad] == [(3, reason)]
+    assert re.search(message, check.bad[0][2]), check.bad[0][2]
+    counts = check.counts()
+    assert counts["bad_rows"] == counts[reason] == 1 and counts["rows"] == 4 and counts["pairs"] == 3
+    # past --max_bad_fraction (1 of 4 > 0.2) the same row is a one-line error naming row and column
+    with pytest.raises(DataError, match=r"1 of 4 rows are bad \(25.0%.*--max_bad_fraction 0.2.*row 3: column"):
+        select_pairs(ds, PairColumns(), check, "d", 0.2)
+    assert len(select_pairs(ds, PairColumns(), check, "d", 0.25)) == 3
+
+
+def test_a_dataset_with_no_usable_pair_is_one_line():
+    rows = good_rows(2)
+    rows["label_0"] = [0.5, 0.5]
+    ds, check = check_of(rows)
+    with pytest.raises(DataError, match=r"dataset 'd' has no usable pair \(2 rows: 2 ties, 0 bad\)"):
+        select_pairs(ds, PairColumns(), check, "d", 1.0)
+    rows["label_0"] = [0.5, 7]
+    ds, check = check_of(rows)
+    with pytest.raises(DataError, match=r"no usable pair \(2 rows: 1 ties, 1 bad\)"):
+        select_pairs(ds, PairColumns(), check, "d", 1.0)
+
+
+def mode_images():
+    """Images in the modes a scraped dataset holds, each paired with the RGB it must become."""
+    transparent = Image.new("RGBA", (32, 32), (255, 0, 0, 0))  # fully transparent red: white on a page
+    half = Image.new("RGBA", (32, 32), (0, 0, 0, 128))  # half-transparent black over white: mid grey
+    palette = Image.new("P", (32, 32), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.info["transparency"] = 1
+    opaque_palette = palette.copy()
+    del opaque_palette.info["transparency"]
+    sixteen = Image.fromarray(np.full((32, 32), 65535 // 2, np.uint16))  # I;16 at half range
+    int32 = Image.fromarray(np.full((32, 32), 65535, np.int32))  # I with 16-bit values
+    floats = Image.fromarray(np.full((32, 32), 0.5, np.float32))  # F in [0, 1]
+    return {
+        "RGBA transparent": (transparent, (255, 255, 255)),
+        "RGBA half": (half, (127, 127, 127)),
+        "LA": (Image.new("LA", (32, 32), (0, 0)), (255, 255, 255)),
+        "P transparent": (palette, (255, 255, 255)),
+        "P": (opaque_palette, (10, 200, 30)),
+        "L": (Image.new("L", (32, 32), 77), (77, 77, 77)),
+        "1": (Image.new("1", (32, 32), 1), (255, 255, 255)),
+        "CMYK": (Image.new("CMYK", (32, 32), (0, 255, 255, 0)), (255, 0, 0)),
+        "I;16": (sixteen, (127, 127, 127)),
+        "I": (int32, (255, 255, 255)),
+        "F": (floats, (128, 128, 128)),
+    }
+
+
+@pytest.mark.parametrize("mode", sorted(mode_images()))
+def test_every_mode_becomes_the_right_rgb(mode):
+    image, rgb = mode_images()[mode]
+    encoded = {"F": "TIFF", "CMYK": "JPEG", "I": "TIFF"}.get(mode, "PNG")
+    buffer = io.BytesIO()
+    image.save(buffer, format=encoded, **({"quality": 100} if encoded == "JPEG" else {}))
+    for value in (image, buffer.getvalue()):  # decoded by datasets, or bytes as stored
+        out = to_pil(value)
+        assert out.mode == "RGB" and out.size == (32, 32)
+        assert np.abs(np.asarray(out, np.int16) - np.array(rgb)).max() <= 2, (mode, out.getpixel((0, 0)))
+    # and a row with it trains
+    _, check = check_of(with_row(good_rows(1), jpg_0=buffer.getvalue()))
+    assert check.keep == [0, 1]
+
+
+def test_exif_rotation_is_applied():
+    image = Image.new("RGB", (40, 32), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown 32 wide, 40 high
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert to_pil(buffer.getvalue()).size == (32, 40)
+
+
+def test_max_train_samples_checks_only_as_many_rows_as_it_needs():
+    rows = with_row(good_rows(2), label_0=3.0)  # row 2 is bad
+    rows = {k: rows[k] + good_rows(300, start=10)[k] for k in rows}
+    ds, check = check_of(rows, max_pairs=3)
+    assert check.keep == [0, 1, 3] and [b[0] for b in check.bad] == [2]
+    assert check.rows == 256  # one chunk, not all 303 rows
+    _, check = check_of(rows)
+    assert len(check.keep) == 302 and check.rows == 303
+
+
+def test_a_broken_image_column_from_datasets_is_counted_not_raised(tmp_path):
+    """datasets would raise while decoding an Image column; raw_images leaves the bytes to the row check."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"jpg_0": [{"bytes": GOOD, "path": None}, {"bytes": b"junk", "path": None}], "jpg_1": [solid("red")] * 2,
+         "label_0": [1.0, 0.0], "caption": ["a", "b"]},
+        features=datasets.Features({"jpg_0": datasets.Image(), "jpg_1": datasets.Image(),
+                                    "label_0": datasets.Value("float32"), "caption": datasets.Value("string")}),
+    )  # fmt: skip
+    ds.save_to_disk(str(tmp_path / "saved"))
+    loaded, base = load_pairs_dataset(str(tmp_path / "saved"))
+    loaded = raw_images(loaded, PairColumns())
+    check = check_rows(loaded, PairColumns(), 32, base)
+    assert check.keep == [0] and [(b[0], b[1]) for b in check.bad] == [(1, "bad_image")]

@@ -42,7 +42,7 @@ def test_two_processes_train_the_adapter_of_one(tiny_sd_dir, tiny_pairs_parquet,
 
 def test_two_processes_build_the_cache_of_one(tiny_sd_dir, tiny_pairs_parquet, tmp_path):
     args = common(tiny_sd_dir, tiny_pairs_parquet) + ["--inversion_cache_only", "--inversion_cache_shard_size", 1,
-                                                      "--train_batch_size", 1, "--no_hflip"]  # fmt: skip
+                                                      "--train_batch_size", 1]  # fmt: skip
     run(SCRIPT, args + ["--output_dir", tmp_path / "o1", "--inversion_cache", tmp_path / "one"])
     proc = run(
         SCRIPT, args + ["--output_dir", tmp_path / "o2", "--inversion_cache", tmp_path / "two"], num_processes=2

@@ -42,3 +42,13 @@ def test_ci_runs_the_readme_test_command():
     assert out in readme()
     ci = open(os.path.join(REPO, ".ci", "run")).read()
     assert "test-command" in ci and re.search(r'bash -c "\$cmd"', ci)
+
+
+def test_every_flag_of_evaluate_is_in_the_readme():
+    from evaluate import make_parser
+
+    text = readme()
+    flags = [a.option_strings[0] for a in make_parser()._actions if a.option_strings[0] != "-h"]
+    assert "--pickscore" in flags
+    missing = [f for f in flags if f"`{f}`" not in text]
+    assert not missing, f"README lacks {missing}"

@@ -1,11 +1,15 @@
 """train_inversion_dpo.py end to end through `accelerate launch`, on a tiny SD and a Pick-a-Pic-schema parquet."""
 
+import json
 import math
 import os
+import re
+import signal
+import time
 
 import pytest
 import torch
-from script_runner import QUICK, lora, metrics, run
+from script_runner import QUICK, lora, metrics, run, start, steps_logged, wait_for
 
 
 SCRIPT = "train_inversion_dpo.py"
@@ -127,7 +131,16 @@ def test_checkpoint_rotation_and_validation(four_steps):
     assert not [d for d in os.listdir(out) if d.startswith(".partial")]
     assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-000004.png", "validation-000002.png"]
     assert os.path.exists(os.path.join(out, "validation.png"))
-    assert "validation.png" in open(os.path.join(out, "README.md")).read()
+    # the final samples, one per prompt, are the card's widget and shown in its text
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.widget == [
+        {"text": "a red circle", "output": {"url": "samples/00.png"}},
+        {"text": "a blue square", "output": {"url": "samples/01.png"}},
+    ]
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == ["00.png", "01.png"]
+    assert "![a blue square](./samples/01.png)" in card.text
 
 
 def test_resume_continues_the_same_adapter_and_data_order(four_steps, tmp_path):
@@ -211,9 +224,190 @@ def test_hub_ids_offline_are_one_clear_line(tiny_sd_dir, tiny_pairs_parquet, tmp
             tiny_pairs_parquet,
             "--output_dir",
             tmp_path,
+            "--resolution",  # the data is checked first: at the default 512, 32 px images are too small
+            32,
         ],
         launcher="python",
         check=False,
     )
     assert proc.returncode == 2 and "of model 'someone/sd'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interruptions, divergence, pickles: the run keeps a complete checkpoint and resumes to the same adapter
+
+
+def by_step(output_dir):
+    """The last record of each step (a resumed run logs again the steps after its checkpoint)."""
+    return {r["step"]: r for r in metrics(output_dir) if "loss" in r}
+
+
+def assert_same_run(straight, resumed):
+    a, b = lora(straight), lora(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert {s: round(r["loss"], 5) for s, r in by_step(straight).items()} == {
+        s: round(r["loss"], 5) for s, r in by_step(resumed).items()
+    }
+
+
+def checkpoints(output_dir):
+    return sorted(d for d in os.listdir(output_dir) if "checkpoint" in d)
+
+
+def test_checkpoints_hold_no_pickles(four_steps):
+    out, _ = four_steps
+    assert sorted(os.listdir(os.path.join(out, "checkpoint-4"))) == [
+        "optimizer.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "random_states_0.safetensors",
+        "training_state.json",
+    ]
+    found = [
+        os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.endswith((".bin", ".pkl", ".pt", ".pth"))
+    ]
+    assert not found
+
+
+def interrupt_and_resume(four_steps, run_dir, launcher, after_steps, send):
+    """Runs the 4-step run with checkpoints only when interrupted, calls ``send(proc)`` once ``after_steps`` steps
+    are logged, checks the stop, resumes with ``latest`` and checks it ends as the uninterrupted run."""
+    out, args = four_steps
+    proc = start(
+        SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--checkpointing_steps", 100], launcher
+    )
+    wait_for(lambda: steps_logged(run_dir) >= after_steps, proc)
+    send(proc)
+    _, stderr = proc.communicate(timeout=240)
+    stopped = re.search(
+        r"stopped by (SIG\w+) at step (\d) of 4: \S+checkpoint-\2 is complete. To continue, run the same command "
+        r"with --resume_from_checkpoint latest",
+        stderr,
+    )
+    assert stopped and "Traceback" not in stderr, stderr[-3000:]
+    step = int(stopped.group(2))
+    assert after_steps <= step < 4 and checkpoints(run_dir) == [f"checkpoint-{step}"]
+    assert {"interrupted": stopped.group(1), "step": step, "pairs": 6}.items() <= metrics(run_dir)[-1].items()
+    run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
+    assert_same_run(out, run_dir)
+    return proc
+
+
+def test_sigterm_to_the_launcher_saves_stops_and_resumes_to_the_same_adapter(four_steps, tmp_path):
+    # `kill <pid of accelerate launch>`: the launcher dies at once without passing it on; Linux tells the trainer
+    interrupt_and_resume(four_steps, str(tmp_path / "run"), "accelerate", 1, lambda p: os.kill(p.pid, signal.SIGTERM))
+
+
+def test_ctrl_c_saves_and_exits_0_and_resumes_to_the_same_adapter(four_steps, tmp_path):
+    def ctrl_c(proc):
+        time.sleep(0.1)  # into step 3
+        proc.send_signal(signal.SIGINT)
+
+    proc = interrupt_and_resume(four_steps, str(tmp_path / "run"), "python", 2, ctrl_c)
+    assert proc.returncode == 0
+
+
+def test_kill_9_during_a_save_leaves_the_last_complete_checkpoint_latest(four_steps, tmp_path):
+    out, args = four_steps
+    run_dir = str(tmp_path / "run")
+    # the fault-injection hook makes every save sleep after writing the adapter: the kill lands inside one
+    proc = start(
+        SCRIPT,
+        args + ["--output_dir", run_dir, "--max_train_steps", 4],
+        extra_env={"INVERSION_DPO_TEST_SLOW_SAVE": "2"},
+    )
+    partial = os.path.join(run_dir, ".partial-checkpoint-2")
+    wait_for(lambda: os.path.exists(os.path.join(partial, "pytorch_lora_weights.safetensors")), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert checkpoints(run_dir) == [".partial-checkpoint-2", "checkpoint-1"]
+    assert "training_state.json" not in os.listdir(partial)  # broken, and never called checkpoint-2
+    resumed = run(
+        SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"]
+    )
+    assert "removed .partial-checkpoint-2" in resumed.stderr and "resumed from" in resumed.stderr
+    assert re.search(r"resumed from \S+checkpoint-1 at step 1", resumed.stderr)
+    assert checkpoints(run_dir) == ["checkpoint-3", "checkpoint-4"]
+    assert_same_run(out, run_dir)
+
+
+def test_a_non_finite_loss_stops_with_one_line_naming_the_step_and_keeps_the_last_checkpoint(
+    tiny_sd_dir, tiny_pairs_parquet, tmp_path
+):
+    # a learning rate of 1e30 makes step 1's update blow the adapter's output up: step 2's loss is not finite
+    out = str(tmp_path / "out")
+    proc = run(
+        SCRIPT,
+        ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset_name", tiny_pairs_parquet, "--output_dir", out,
+         "--max_train_steps", 3, "--checkpointing_steps", 1, *QUICK, "--objective", "diffusion_dpo",
+         "--learning_rate", 1e30],
+        launcher="python",
+        check=False,
+    )  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert re.match(
+        r"error: step 2: the loss is (nan|inf|-inf) \(not finite\); .*checkpoint-1 stays the latest", errors[0]
+    )
+    assert "Traceback" not in proc.stderr
+    assert checkpoints(out) == ["checkpoint-1"]
+    assert [r["step"] for r in metrics(out)] == [1]
+
+
+def write_bad_pairs(path):
+    """The tiny pairs plus one row of each kind a scraped dataset holds; the RGBA and 16-bit rows are usable."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from inversion_dpo.tiny import jpeg_bytes, tiny_pairs
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = tiny_pairs(num_rows=8, tie_every=4)
+    good = rows["jpg_0"][0]
+    extra = [
+        (good[:200], good, 1.0, "truncated"),
+        (good, b"not an image", 0.0, "undecodable"),
+        (png(Image.new("RGB", (4, 4))), good, 1.0, "tiny"),
+        (good, good, 2.0, "label 2"),
+        (good, good, 1.0, ""),
+        (png(Image.new("RGBA", (32, 32), (0, 0, 0, 0))), good, 1.0, "transparent"),
+        (png(Image.fromarray(np.full((32, 32), 30000, np.uint16))), jpeg_bytes(Image.new("CMYK", (32, 32))), 0.0, "16-bit"),
+    ]  # fmt: skip
+    for jpg_0, jpg_1, label, caption in extra:
+        for k, v in zip(("jpg_0", "jpg_1", "label_0", "caption"), (jpg_0, jpg_1, label, caption)):
+            rows[k].append(v)
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def test_bad_rows_are_skipped_counted_and_reported(tiny_sd_dir, tmp_path):
+    data = write_bad_pairs(str(tmp_path / "bad.parquet"))
+    common = ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset_name", data, *QUICK, "--max_train_steps", 1]
+    # 5 bad rows of 15: past the default --max_bad_fraction, one line naming the first
+    proc = run(SCRIPT, common + ["--output_dir", tmp_path / "a"], launcher="python", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        "5 of 15 rows are bad (33.3%, more than --max_bad_fraction 0.05); the first, row 8: column 'jpg_0'"
+        in proc.stderr
+    )
+    out = str(tmp_path / "b")
+    proc = run(SCRIPT, common + ["--output_dir", out, "--max_bad_fraction", 0.4])
+    counts = {"rows": 15, "ties_dropped": 2, "bad_rows": 5, "bad_label": 1, "bad_caption": 1, "bad_image": 2,
+              "small_image": 1, "large_image": 0, "pairs": 8}  # fmt: skip
+    assert counts.items() <= metrics(out)[-1].items()
+    assert str(counts) in proc.stderr  # the end-of-run summary
+    with open(os.path.join(out, "logs", "bad_rows.jsonl")) as f:
+        bad = [json.loads(line) for line in f]
+    assert [(b["row"], b["reason"]) for b in bad] == [
+        (8, "bad_image"), (9, "bad_image"), (10, "small_image"), (11, "bad_label"), (12, "bad_caption")
+    ]  # fmt: skip

@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Every objective on the same shapes-world pairs with the same budget: held-out score against optimizer steps, UNet
+evaluations and wall-clock seconds, over several seeds.
+
+    python benchmarks/shapes_objectives.py --output_dir bench_out/objectives --seeds 0 1 2
+
+Each run is the real ``train_inversion_dpo.py`` through ``accelerate launch`` with a checkpoint every
+``--eval_every`` steps; every checkpoint's LoRA is loaded into the stock pipeline and sampled on held-out prompt
+combinations with fixed seeds (the base model on the same noise). Compute comes from the trainer's own metrics:
+``step_seconds`` and the UNet rows it ran per pair, with grad (about 3 forward-equivalents: a forward and a
+backward) and without (1). Runs and evaluations already done are reused, so an interrupted benchmark continues.
+Writes ``results.jsonl`` (one line per checkpoint), ``table.md`` and ``curves.png``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+# label -> flags of train_inversion_dpo.py; every objective and every inversion target
+RUNS = {
+    "diffusion_dpo": ["--objective", "diffusion_dpo"],
+    "inversion_dpo:step": ["--objective", "inversion_dpo", "--inversion_target", "step"],
+    "inversion_dpo:x0": ["--objective", "inversion_dpo", "--inversion_target", "x0"],
+    "inversion_dpo:reference": ["--objective", "inversion_dpo", "--inversion_target", "reference"],
+    "inpo": ["--objective", "inpo"],
+    "sft": ["--objective", "sft"],
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=os.path.join(HERE, "models", "shapes-sd-tiny"))
+    p.add_argument("--output_dir", default="bench_out/objectives")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), help=f"Labels among {list(RUNS)}.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--pairs", default=None, help="A pairs parquet; made from the base model when not given.")
+    p.add_argument("--pair_prompts", type=int, default=160)
+    p.add_argument("--images_per_prompt", type=int, default=4)
+    p.add_argument("--max_train_steps", type=int, default=300)
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--eval_prompts", type=int, default=96, help="Held-out two-object prompts evaluated.")
+    p.add_argument("--eval_images", type=int, default=1, help="Samples per prompt (seeds 10000, 10001, ...).")
+    p.add_argument(
+        "--train_args",
+        default="--train_batch_size 8 --learning_rate 1e-3 --beta_dpo 5000 --inversion_steps 5 --rank 8",
+        help="Flags shared by every run, quoted.",
+    )
+    p.add_argument("--threads", type=int, default=1, help="Torch threads of each training and evaluation.")
+    return p.parse_args(argv)
+
+
+def forward_equivalents(record) -> float:
+    """UNet forward-equivalents per pair of one step: a row with grad costs a forward and a backward (about 3)."""
+    return 3 * record.get("unet_grad_evals_per_pair", 0.0) + record.get("unet_evals_per_pair", 0.0)
+
+
+def train(args, label, seed, pairs, run_dir):
+    from inversion_dpo.training import cpu_launch_command
+
+    if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
+        return
+    cmd = cpu_launch_command(os.path.join(HERE, "train_inversion_dpo.py"))
+    cmd[cmd.index("--cpu") + 1 : cmd.index("--cpu") + 1] = ["--num_cpu_threads_per_process", str(args.threads)]
+    cmd += ["--pretrained_model_name_or_path", args.model, "--dataset_name", pairs, "--output_dir", run_dir,
+            "--seed", str(seed), "--resolution", "32", "--max_train_steps", str(args.max_train_steps),
+            "--checkpointing_steps", str(args.eval_every), *args.train_args.split(), *RUNS[label]]  # fmt: skip
+    print(f"train {label} seed {seed}", flush=True)
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(run_dir + ".log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=HERE))
+
+
+def compute_by_step(run_dir):
+    """step -> (cumulative seconds, cumulative UNet forward-equivalents per pair) from the run's metrics."""
+    out, seconds, evals = {}, 0.0, 0.0
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "step_seconds" in r:
+                seconds += r["step_seconds"]
+                evals += forward_equivalents(r)
+                out[r["step"]] = (seconds, evals)
+    return out
+
+
+def main(args):
+    import torch
+
+    from inversion_dpo import shapes, shapes_eval, shapes_pairs
+    from inversion_dpo.report import line_plot, mean_interval, win_rate
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"error: unknown run label {unknown[0]!r}; expected one of {list(RUNS)}")
+    pipe = shapes_eval.load_pipeline(args.model)
+
+    pairs = args.pairs or os.path.join(args.output_dir, "pairs.parquet")
+    if not os.path.exists(pairs):
+        print(shapes_pairs.make_pairs(pipe, args.pair_prompts, args.images_per_prompt, pairs, seed=1), flush=True)
+
+    prompts = [str(p) for p in shapes.heldout_prompts()][: args.eval_prompts]
+    results_path = os.path.join(args.output_dir, "results.jsonl")
+    done = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["run"], r["seed"], r["step"])] = r
+
+    def evaluate(key):
+        if key not in done:
+            images = shapes_eval.sample(pipe, prompts, args.eval_images, seed=10_000)
+            scores = [shapes.score(im, p) for p, ims in zip(prompts, images) for im in ims]
+            done[key] = {"run": key[0], "seed": key[1], "step": key[2], "scores": [s.score for s in scores],
+                         "passed": [bool(s.passed) for s in scores]}  # fmt: skip
+            with open(results_path, "a") as f:
+                f.write(json.dumps(done[key]) + "\n")
+        return done[key]
+
+    base = evaluate(("base", 0, 0))
+    for label in args.runs:
+        for seed in args.seeds:
+            run_dir = os.path.join(args.output_dir, "runs", f"{label.replace(':', '-')}-seed{seed}")
+            train(args, label, seed, pairs, run_dir)
+            compute = compute_by_step(run_dir)
+            for step in range(args.eval_every, args.max_train_steps + 1, args.eval_every):
+                if (label, seed, step) not in done:
+                    pipe.load_lora_weights(os.path.join(run_dir, f"checkpoint-{step}"))
+                    evaluate((label, seed, step))
+                    pipe.unload_lora_weights()
+                done[(label, seed, step)].update(seconds=compute[step][0], unet_evals=compute[step][1])
+                print(f"{label} seed {seed} step {step}: accuracy {np.mean(done[(label, seed, step)]['passed']):.3f}")
+
+    # Table: the final checkpoint, mean over seeds (and the seeds' spread); compute to reach diffusion_dpo's final
+    steps = list(range(args.eval_every, args.max_train_steps + 1, args.eval_every))
+
+    def curve(label, field):
+        """[(step, mean over seeds of field, seconds, UNet evaluations)]"""
+        rows = []
+        for step in steps:
+            rs = [done[(label, s, step)] for s in args.seeds]
+            rows.append((step, float(np.mean([np.mean(r[field]) for r in rs])),
+                         float(np.mean([r["seconds"] for r in rs])), float(np.mean([r["unet_evals"] for r in rs]))))  # fmt: skip
+        return rows
+
+    base_acc, base_score = float(np.mean(base["passed"])), float(np.mean(base["scores"]))
+    target = curve("diffusion_dpo", "passed")[-1][1] if "diffusion_dpo" in args.runs else None
+    lines = [
+        f"Held-out two-object prompts: {len(prompts)} x {args.eval_images} samples per checkpoint; base accuracy "
+        f"{base_acc:.1%}, mean score {base_score:.3f}. {args.max_train_steps} steps, seeds {args.seeds}; "
+        f"shared flags `{args.train_args}`.",
+        "",
+        "| run | accuracy (final, mean over seeds) | seeds' range | best checkpoint | mean score | "
+        "win rate vs base [95% CI] | s / step | UNet fwd-equiv / pair / step | to reach diffusion_dpo's final accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    series = {"steps": {}, "unet": {}, "seconds": {}}
+    for label in args.runs:
+        acc = curve(label, "passed")
+        score = curve(label, "scores")
+        finals = [float(np.mean(done[(label, s, steps[-1])]["passed"])) for s in args.seeds]
+        wins = win_rate(
+            [x for s in args.seeds for x in done[(label, s, steps[-1])]["scores"]],
+            [x for _ in args.seeds for x in base["scores"]],
+        )
+        _, seconds, evals = acc[-1][0], acc[-1][2], acc[-1][3]
+        reached = "-"
+        if target is not None:
+            hit = next((row for row in acc if row[1] >= target), None)
+            reached = f"{hit[3]:.0f} evals, {hit[2]:.0f} s (step {hit[0]})" if hit else "not reached"
+        best = max(acc, key=lambda row: row[1])
+        lines.append(
+            f"| {label} | {acc[-1][1]:.1%} ({acc[-1][1] - base_acc:+.1%}) | {min(finals):.1%} - {max(finals):.1%} | "
+            f"{best[1]:.1%} (step {best[0]}) | {score[-1][1]:.3f} | {wins['win_rate']:.2f} [{wins['low']:.2f}, {wins['high']:.2f}] | "
+            f"{seconds / steps[-1]:.2f} | {evals / steps[-1]:.1f} | {reached} |"
+        )
+        for name, i in (("steps", 0), ("unet", 3), ("seconds", 2)):
+            series[name][label] = [(0.0, base_acc)] + [(row[i], row[1]) for row in acc]
+    mean, low, high = mean_interval(base["passed"])
+    lines.append(f"| base | {mean:.1%} [{low:.1%}, {high:.1%}] | | | {base_score:.3f} | | | | |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write(text + "\n")
+    from PIL import Image
+
+    panels = [
+        line_plot(series["steps"], os.path.join(args.output_dir, "by_steps.png"), "held-out accuracy",
+                  "optimizer steps"),
+        line_plot(series["unet"], os.path.join(args.output_dir, "by_unet_evals.png"), "held-out accuracy",
+                  "UNet forward-equivalents per pair"),
+        line_plot(series["seconds"], os.path.join(args.output_dir, "by_seconds.png"), "held-out accuracy",
+                  "wall-clock seconds"),
+    ]  # fmt: skip
+    images = [Image.open(p) for p in panels]
+    strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width
+    strip.save(os.path.join(args.output_dir, "curves.png"))
+    print(f"wrote {args.output_dir}/table.md and curves.png")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Compares a base model with one or more LoRA adapters on a prompt file, with fixed seeds, under reward models.
+
+    python evaluate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --adapters sd15-inversion-dpo sd15-diffusion-dpo --prompts prompts.txt --num_images_per_prompt 4 \\
+        --pickscore yuvalkirstain/PickScore_v1 --pickscore_processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K \\
+        --clip_score openai/clip-vit-large-patch14 \\
+        --aesthetic_clip openai/clip-vit-large-patch14 --aesthetic_head sac+logos+ava1-l14-linearMSE.safetensors \\
+        --output_dir eval
+
+Image j of every prompt starts from the noise of seed ``--seed + j`` for every model (common random numbers), so the
+win rate of an adapter against the base is a paired comparison: per image, 1 if the adapter's scores higher, 1/2 on a
+tie. Writes ``scores.csv`` (one row per model, prompt and seed), ``summary.csv`` (mean and win rate with 95%
+intervals per model and scorer), ``grid.png`` (a row per model, a column per prompt, the first seed) and the images.
+The scorers are in ``inversion_dpo/scorers.py``; a scorer runs only when its weights are given.
+"""
+
+import argparse
+import csv
+import os
+
+import torch
+
+from inversion_dpo.data import DataError
+from inversion_dpo.training import is_hub_id, run_cli
+
+
+def make_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="The base model: Hub id or local folder.")
+    p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapters (folders or Hub ids) to compare with it.")
+    p.add_argument("--adapter_names", nargs="*", default=None, help="Their names in the outputs (default: basenames).")
+    p.add_argument(
+        "--prompts", required=True, help="A text file, one prompt a line (blank lines and # comments skipped)."
+    )
+    p.add_argument("--num_images_per_prompt", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_inference_steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None, help="Square image size (default: the model's).")
+    p.add_argument("--batch_size", type=int, default=8, help="Images sampled at once.")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="Of the diffusion pipeline.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output_dir", default="eval")
+    p.add_argument("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
+    g = p.add_argument_group("scorers (each runs when its weights are given: a Hub id or a local path)")
+    g.add_argument("--pickscore", default=None, help="PickScore's CLIP, e.g. yuvalkirstain/PickScore_v1.")
+    g.add_argument(
+        "--pickscore_processor",
+        default=None,
+        help="Its processor where the model's folder has none (PickScore_v1: laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
+    )
+    g.add_argument("--hpsv2", default=None, help="HPSv2 in transformers' CLIP layout (folder or Hub id).")
+    g.add_argument("--clip_score", default=None, help="A CLIP for CLIP score, e.g. openai/clip-vit-large-patch14.")
+    g.add_argument("--aesthetic_clip", default=None, help="The LAION aesthetic predictor's CLIP (ViT-L/14).")
+    g.add_argument("--aesthetic_head", default=None, help="Its linear head: .safetensors, or the released .pth.")
+    g.add_argument(
+        "--imagereward",
+        default=None,
+        help="ImageReward in transformers' BLIP layout plus imagereward_head.safetensors.",
+    )
+    g.add_argument(
+        "--shapes_score", action="store_true", help="The shapes world's pixel scorer (shapes prompts only)."
+    )
+    return p
+
+
+def parse_args(input_args=None):
+    p = make_parser()
+    args = p.parse_args(input_args)
+    if args.adapter_names is not None and len(args.adapter_names) != len(args.adapters):
+        p.error(f"--adapter_names has {len(args.adapter_names)} names for {len(args.adapters)} adapters")
+    if (args.aesthetic_clip is None) != (args.aesthetic_head is None):
+        p.error("--aesthetic_clip and --aesthetic_head go together")
+    if args.num_images_per_prompt < 1:
+        p.error("--num_images_per_prompt must be at least 1")
+    return args
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise DataError(f"--prompts: no file '{path}'")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DataError(f"--prompts: '{path}' has no prompt")
+    return prompts
+
+
+def load_scorers(args, prompts):
+    """Every scorer whose weights are given, loaded before any sampling so that a missing model fails at once."""
+    from inversion_dpo.scorers import AestheticScorer, ClipScorer, ImageRewardScorer, shapes_scorer
+
+    scorers = {}
+    for kind in ("pickscore", "hpsv2", "clip_score"):
+        if getattr(args, kind):
+            processor = args.pickscore_processor if kind == "pickscore" else None
+            scorers[kind] = ClipScorer(kind, getattr(args, kind), processor, args.device)
+    if args.imagereward:
+        scorers["imagereward"] = ImageRewardScorer(args.imagereward, args.device)
+    if args.aesthetic_clip:
+        scorers["aesthetic"] = AestheticScorer(args.aesthetic_clip, args.aesthetic_head, args.device)
+    if args.shapes_score:
+        scorers["shapes"] = shapes_scorer(prompts)
+    if not scorers:
+        raise DataError("no scorer: give at least one of --pickscore, --hpsv2, --clip_score, --imagereward, "
+                        "--aesthetic_clip/--aesthetic_head, --shapes_score")  # fmt: skip
+    return scorers
+
+
+def summarize(scores, names, scorer_names):
+    """Rows of summary.csv: per model and scorer, the mean with its interval and, against base, the win rate."""
+    from inversion_dpo.report import mean_interval, win_rate
+
+    rows = []
+    for name in names:
+        for scorer in scorer_names:
+            mean, low, high = mean_interval(scores[name][scorer])
+            row = {"model": name, "scorer": scorer, "n": len(scores[name][scorer]), "mean": mean, "mean_low": low,
+                   "mean_high": high, "win_rate": "", "win_low": "", "win_high": ""}  # fmt: skip
+            if name != "base":
+                win = win_rate(scores[name][scorer], scores["base"][scorer])
+                row.update(win_rate=win["win_rate"], win_low=win["low"], win_high=win["high"])
+            rows.append(row)
+    return rows
+
+
+def main(args):
+    from inversion_dpo import shapes_eval
+    from inversion_dpo.report import labelled_grid
+
+    # 1. Prompts, scorers, models: everything that can be missing is looked for before the first image
+    prompts = read_prompts(args.prompts)
+    for adapter in args.adapters:
+        if not os.path.exists(adapter) and not is_hub_id(adapter):
+            raise DataError(f"--adapters: '{adapter}' is neither a local path nor a Hub id")
+    scorers = load_scorers(args, prompts)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = shapes_eval.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
+    names = ["base"] + (args.adapter_names or [os.path.basename(os.path.normpath(a)) for a in args.adapters])
+    if len(set(names)) != len(names):
+        raise DataError(f"two models share a name ({', '.join(names)}): name them with --adapter_names")
+
+    # 2. Sample every model on the same prompts and seeds; score
+    images, scores = {}, {}
+    for name, adapter in zip(names, [None] + list(args.adapters)):
+        if adapter:
+            shapes_eval.load_adapter(pipe, adapter, adapter_name=name)
+        images[name] = shapes_eval.sample(
+            pipe, prompts, args.num_images_per_prompt, args.seed, args.num_inference_steps, args.guidance_scale,
+            args.batch_size, args.resolution,
+        )  # fmt: skip
+        if adapter:
+            pipe.unload_lora_weights()  # back to the base for the next adapter
+        flat_images = [im for ims in images[name] for im in ims]
+        flat_prompts = [p for p in prompts for _ in range(args.num_images_per_prompt)]
+        scores[name] = {}
+        for scorer_name, scorer in scorers.items():
+            scores[name][scorer_name] = []
+            for start in range(0, len(flat_images), args.batch_size):
+                end = start + args.batch_size
+                scores[name][scorer_name] += scorer(flat_images[start:end], flat_prompts[start:end])
+
+    # 3. Write the scores, the summary, the images and the grid; print the summary
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "scores.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "prompt_index", "prompt", "seed", *scorers])
+        for name in names:
+            for k in range(len(prompts) * args.num_images_per_prompt):
+                i, j = divmod(k, args.num_images_per_prompt)
+                writer.writerow([name, i, prompts[i], args.seed + j, *(scores[name][s][k] for s in scorers)])
+                folder = os.path.join(args.output_dir, "images", name)
+                os.makedirs(folder, exist_ok=True)
+                images[name][i][j].save(os.path.join(folder, f"{i:04d}-{args.seed + j}.png"))
+    summary = summarize(scores, names, list(scorers))
+    with open(os.path.join(args.output_dir, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    shown = prompts[: args.grid_prompts]
+    first = {name: [ims[0] for ims in images[name][: len(shown)]] for name in names}
+    grid = labelled_grid(first, shown, scale=max(1, 128 // first["base"][0].width))
+    grid.save(os.path.join(args.output_dir, "grid.png"))
+
+    n = len(prompts) * args.num_images_per_prompt
+    print(f"{len(prompts)} prompts x {args.num_images_per_prompt} seeds = {n} images per model; 95% intervals")
+    print(f"{'model':<24} {'scorer':<12} {'mean':>22}  win rate vs base")
+    for row in summary:
+        mean = f"{row['mean']:.4f} [{row['mean_low']:.4f}, {row['mean_high']:.4f}]"
+        win = f"{row['win_rate']:.3f} [{row['win_low']:.3f}, {row['win_high']:.3f}]" if row["win_rate"] != "" else "-"
+        print(f"{row['model']:<24} {row['scorer']:<12} {mean:>22}  {win}")
+    print(f"wrote {args.output_dir}/scores.csv, summary.csv, grid.png, images/")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,171 @@
+"""Image-text scorers for ``evaluate.py``: each is a callable ``(images, prompts) -> list of floats`` (higher is
+better), built from weights at hand (a Hub id or a local path), safetensors only.
+
+| name | model | score |
+|---|---|---|
+| ``pickscore`` | PickScore (Kirstain et al. 2023, arXiv 2305.01569): a CLIP fine-tuned on Pick-a-Pic | ``exp(logit_scale) * cos(image, text)`` |
+| ``hpsv2`` | HPSv2 (Wu et al. 2023, arXiv 2306.09341): a CLIP ViT-H/14 fine-tuned on HPD v2, in transformers' CLIP layout | ``cos(image, text)`` |
+| ``clip_score`` | any CLIP (Hessel et al. 2021, arXiv 2104.08718) | ``100 * max(cos(image, text), 0)`` |
+| ``aesthetic`` | the LAION aesthetic predictor v2: a linear head on CLIP ViT-L/14's normalised image embedding | the head's output |
+| ``imagereward`` | ImageReward (Xu et al. 2023, arXiv 2304.05977): BLIP's image-grounded text encoder, a linear head on its [CLS], normalised by the reward's mean and std | ``(head(cls) - mean) / std`` |
+| ``shapes`` | the shapes world's pixel scorer (``inversion_dpo/shapes.py``) | the fraction of the prompt's atoms that hold |
+
+The linear heads (aesthetic, ImageReward) are ``layers.<i>.weight/bias`` of ``torch.nn.Linear`` layers applied in
+order with no activation between them, as both projects define them (their ReLUs are commented out; dropout is off
+at evaluation). A head file is safetensors, or a ``.pth`` state dict read with ``torch.load(weights_only=True)``.
+"""
+
+import os
+import re
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from PIL import Image
+
+from .data import DataError, first_line
+
+
+IMAGEREWARD_HEAD = "imagereward_head.safetensors"  # layers.<i>.weight/bias, mean, std
+IMAGEREWARD_MAX_LENGTH = 35  # ImageReward's prompt length
+
+
+def load_model(cls, name_or_path: str, what: str):
+    """``cls.from_pretrained`` (safetensors only) with a one-line error naming the flag and the model."""
+    kwargs = {"use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
+    if not os.path.isdir(name_or_path) and (os.path.isabs(name_or_path) or name_or_path.startswith(".")):
+        raise DataError(f"{what}: no folder '{name_or_path}'")
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except Exception as e:  # missing, offline, another architecture's weights: all one line naming the model
+        where = "local folder" if os.path.isdir(name_or_path) else "Hub id (offline, or no such repository?)"
+        raise DataError(f"{what}: could not load '{name_or_path}' as a {where}: {first_line(e)}") from None
+
+
+def load_head(path: str, what: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise DataError(f"{what}: no file '{path}'")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{what}: could not read '{path}' ({type(e).__name__}: {first_line(e)})") from None
+
+
+class LinearHead(torch.nn.Module):
+    """``layers.<i>`` Linear layers applied in order of i, no activation (LAION's and ImageReward's MLP)."""
+
+    def __init__(self, state: Dict[str, torch.Tensor], prefix: str = ""):
+        super().__init__()
+        indices = sorted(
+            {int(m.group(1)) for k in state for m in [re.match(rf"{re.escape(prefix)}layers\.(\d+)\.weight$", k)] if m}
+        )
+        if not indices:
+            raise ValueError(f"no '{prefix}layers.<i>.weight' in the head's keys ({', '.join(list(state)[:4])}, ...)")
+        self.layers = torch.nn.ModuleList()
+        for i in indices:
+            weight = state[f"{prefix}layers.{i}.weight"].float()
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0])
+            layer.load_state_dict({"weight": weight, "bias": state[f"{prefix}layers.{i}.bias"].float()})
+            self.layers.append(layer)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ClipScorer:
+    """PickScore, HPSv2 and CLIP score: one CLIP, three scales of the image-text cosine."""
+
+    def __init__(self, kind: str, model: str, processor: str = None, device="cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.kind, self.device = kind, device
+        self.model = load_model(CLIPModel, model, f"--{kind}").to(device).eval()
+        self.processor = load_model(CLIPProcessor, processor or model, f"--{kind} (processor)")
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> List[float]:
+        inputs = self.processor(
+            text=list(prompts), images=list(images), return_tensors="pt", padding=True, truncation=True
+        ).to(self.device)
+        out = self.model(**inputs)
+        cos = (out.image_embeds * out.text_embeds).sum(-1)  # both unit vectors
+        if self.kind == "pickscore":
+            cos = self.model.logit_scale.exp() * cos
+        elif self.kind == "clip_score":
+            cos = 100 * cos.clamp(min=0)
+        return cos.float().cpu().tolist()
+
+
+class AestheticScorer:
+    def __init__(self, clip: str, head: str, device="cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = device
+        self.model = load_model(CLIPModel, clip, "--aesthetic_clip").to(device).eval()
+        self.processor = load_model(CLIPProcessor, clip, "--aesthetic_clip (processor)")
+        try:
+            self.head = LinearHead(load_head(head, "--aesthetic_head")).to(device).eval()
+        except ValueError as e:
+            raise DataError(f"--aesthetic_head '{head}': {e}") from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompts) -> List[float]:
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)
+        features = self.model.get_image_features(pixel_values=pixels)
+        features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+        features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return self.head(features).squeeze(-1).cpu().tolist()
+
+
+class ImageRewardScorer:
+    """ImageReward's computation on transformers' BLIP: a folder with a ``BlipForImageTextRetrieval``, its
+    ``BlipProcessor`` and ``imagereward_head.safetensors``."""
+
+    def __init__(self, folder: str, device="cpu"):
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        self.device = device
+        self.model = load_model(BlipForImageTextRetrieval, folder, "--imagereward").to(device).eval()
+        self.processor = load_model(BlipProcessor, folder, "--imagereward (processor)")
+        state = load_head(os.path.join(folder, IMAGEREWARD_HEAD), "--imagereward")
+        try:
+            self.head = LinearHead(state).to(device).eval()
+            self.mean, self.std = float(state["mean"]), float(state["std"])
+        except (ValueError, KeyError) as e:
+            raise DataError(f"--imagereward '{folder}': {IMAGEREWARD_HEAD}: {e}") from None
+
+    @torch.no_grad()
+    def __call__(self, images, prompts) -> List[float]:
+        inputs = self.processor(
+            images=list(images),
+            text=list(prompts),
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=IMAGEREWARD_MAX_LENGTH,
+        ).to(self.device)
+        image_embeds = self.model.vision_model(pixel_values=inputs.pixel_values)[0]
+        text = self.model.text_encoder(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device),
+        )[0]
+        reward = self.head(text[:, 0].float()).squeeze(-1)
+        return ((reward - self.mean) / self.std).cpu().tolist()
+
+
+def shapes_scorer(prompts: Sequence[str]) -> Callable:
+    from . import shapes
+
+    for i, prompt in enumerate(prompts):
+        try:
+            shapes.parse_prompt(prompt)
+        except ValueError:
+            raise DataError(f"--shapes_score: prompt {i + 1} '{prompt}' is not a shapes-world prompt") from None
+    return lambda images, prompts: [shapes.score(im, p).score for im, p in zip(images, prompts)]

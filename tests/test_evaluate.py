@@ -1,0 +1,193 @@
+"""evaluate.py: base against adapters on fixed seeds under every scorer, on tiny stand-ins built in code (the real
+CLIP and BLIP architectures at toy sizes); the scorers' formulas; a missing model is one line naming it."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from inversion_dpo.data import DataError
+from inversion_dpo.report import mean_interval, win_rate
+from inversion_dpo.scorers import AestheticScorer, ClipScorer, ImageRewardScorer
+from inversion_dpo.tiny import save_linear_head, save_tiny_clip, save_tiny_imagereward
+
+
+PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
+IMAGES = [Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 32), "blue")]
+
+
+@pytest.fixture(scope="module")
+def scorer_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorers")
+    return {
+        "clip": save_tiny_clip(str(root / "clip")),
+        "imagereward": save_tiny_imagereward(str(root / "imagereward")),
+        "head": save_linear_head(str(root / "aesthetic.safetensors"), [16, 8, 4, 1]),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_sd_dir, tmp_path_factory):
+    """A LoRA with random up-projections: it changes the tiny model's images."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from inversion_dpo.training import LORA_TARGET_MODULES, lora_state_dict_of
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    folder = str(tmp_path_factory.mktemp("adapter") / "lora")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict_of(unet))
+    return folder
+
+
+def test_clip_scores_are_one_cosine_at_three_scales(scorer_models):
+    from transformers import CLIPModel, CLIPProcessor
+
+    pick, hps, clip = (ClipScorer(k, scorer_models["clip"]) for k in ("pickscore", "hpsv2", "clip_score"))
+    model, processor = (
+        CLIPModel.from_pretrained(scorer_models["clip"]),
+        CLIPProcessor.from_pretrained(scorer_models["clip"]),
+    )
+    inputs = processor(text=PROMPTS, images=IMAGES, return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs.pixel_values).pooler_output
+        text = model.get_text_features(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).pooler_output
+    cos = torch.nn.functional.cosine_similarity(image, text).tolist()
+    assert hps(IMAGES, PROMPTS) == pytest.approx(cos, abs=1e-5)
+    assert pick(IMAGES, PROMPTS) == pytest.approx([c * model.logit_scale.exp().item() for c in cos], abs=1e-4)
+    assert clip(IMAGES, PROMPTS) == pytest.approx([100 * max(c, 0) for c in cos], abs=1e-3)
+    assert cos[0] * cos[1] < 0  # the max(., 0) was exercised
+
+
+def test_aesthetic_head_reads_safetensors_and_the_released_pth(scorer_models, tmp_path):
+    from safetensors.torch import load_file
+
+    scores = AestheticScorer(scorer_models["clip"], scorer_models["head"])(IMAGES, PROMPTS)
+    torch.save(load_file(scorer_models["head"]), tmp_path / "head.pth")  # LAION ships a state dict .pth
+    assert AestheticScorer(scorer_models["clip"], str(tmp_path / "head.pth"))(IMAGES, PROMPTS) == scores
+    # the head sees the unit-norm image embedding: a 1-layer head picking coordinate 0 returns it
+    from safetensors.torch import save_file
+
+    save_file(
+        {"layers.0.weight": torch.eye(16)[:1].contiguous(), "layers.0.bias": torch.zeros(1)},
+        tmp_path / "pick0.safetensors",
+    )
+    from transformers import CLIPModel, CLIPProcessor
+
+    model, processor = (
+        CLIPModel.from_pretrained(scorer_models["clip"]),
+        CLIPProcessor.from_pretrained(scorer_models["clip"]),
+    )
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=processor(images=IMAGES, return_tensors="pt").pixel_values)
+    expected = torch.nn.functional.normalize(features.pooler_output, dim=-1)[:, 0].tolist()
+    assert AestheticScorer(scorer_models["clip"], str(tmp_path / "pick0.safetensors"))(
+        IMAGES, PROMPTS
+    ) == pytest.approx(expected, abs=1e-6)
+
+
+def test_imagereward_is_normalised_and_reads_the_prompt(scorer_models, tmp_path):
+    a = ImageRewardScorer(scorer_models["imagereward"])(IMAGES, PROMPTS)
+    other = save_tiny_imagereward(str(tmp_path / "ir"), mean=-1.0, std=0.25)  # same weights, other normalisation
+    b = ImageRewardScorer(other)(IMAGES, PROMPTS)
+    assert b == pytest.approx([(x * 2.0 + 0.5 + 1.0) / 0.25 for x in a], abs=1e-4)
+    # the text encoder attends to the image and the reward depends on the prompt
+    same_image = ImageRewardScorer(scorer_models["imagereward"])([IMAGES[0]] * 2, ["a red circle", "a green square"])
+    assert abs(same_image[0] - same_image[1]) > 1e-6
+
+
+def test_missing_models_and_files_are_one_line_naming_them(scorer_models, tmp_path):
+    with pytest.raises(DataError, match=r"--pickscore: no folder '/nonexistent/pick'"):
+        ClipScorer("pickscore", "/nonexistent/pick")
+    with pytest.raises(DataError, match=r"--hpsv2: could not load 'someone/hps' as a Hub id"):
+        ClipScorer("hpsv2", "someone/hps")
+    with pytest.raises(DataError, match=r"--aesthetic_head: no file '/nonexistent/head.pth'"):
+        AestheticScorer(scorer_models["clip"], "/nonexistent/head.pth")
+    with pytest.raises(DataError, match=r"--imagereward: could not load '.*not-blip' as a local folder"):
+        ImageRewardScorer(save_tiny_clip(str(tmp_path / "not-blip")))  # a CLIP, not a BLIP
+    headless = save_tiny_imagereward(str(tmp_path / "headless"))
+    os.remove(os.path.join(headless, "imagereward_head.safetensors"))
+    with pytest.raises(DataError, match=r"--imagereward: no file .*headless/imagereward_head.safetensors"):
+        ImageRewardScorer(headless)
+
+
+def run_evaluate(args):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "evaluate.py"), *[str(a) for a in args]],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+
+
+def test_evaluate_compares_base_and_adapters_under_every_scorer(tiny_sd_dir, adapter, scorer_models, tmp_path):
+    (tmp_path / "prompts.txt").write_text("# shapes prompts\n" + "\n".join(PROMPTS) + "\n\n")
+    out = tmp_path / "eval"
+    proc = run_evaluate([
+        "--pretrained_model_name_or_path", tiny_sd_dir, "--adapters", adapter, adapter, "--adapter_names", "a1", "a2",
+        "--prompts", tmp_path / "prompts.txt", "--num_images_per_prompt", 2, "--num_inference_steps", 2,
+        "--resolution", 32, "--output_dir", out, "--seed", 5,
+        "--pickscore", scorer_models["clip"], "--hpsv2", scorer_models["clip"], "--clip_score", scorer_models["clip"],
+        "--aesthetic_clip", scorer_models["clip"], "--aesthetic_head", scorer_models["head"],
+        "--imagereward", scorer_models["imagereward"], "--shapes_score",
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scorers = ["pickscore", "hpsv2", "clip_score", "imagereward", "aesthetic", "shapes"]
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "prompt_index", "prompt", "seed", *scorers]
+    assert [(r["model"], r["prompt_index"], r["seed"]) for r in rows] == [
+        (m, str(i), str(s)) for m in ("base", "a1", "a2") for i in (0, 1) for s in (5, 6)
+    ]
+    per_model = {m: {s: [float(r[s]) for r in rows if r["model"] == m] for s in scorers} for m in ("base", "a1", "a2")}
+    # the same adapter twice gives the same images and scores: unloading one leaves the base untouched
+    assert per_model["a1"] == per_model["a2"]
+    image = lambda m, i, s: Image.open(out / "images" / m / f"{i:04d}-{s}.png")  # noqa: E731
+    assert image("a1", 0, 5).tobytes() == image("a2", 0, 5).tobytes()
+    assert image("a1", 0, 5).tobytes() != image("base", 0, 5).tobytes()
+    assert image("base", 0, 5).tobytes() != image("base", 0, 6).tobytes()  # the seed moves the noise
+    with open(out / "summary.csv") as f:
+        summary = {(r["model"], r["scorer"]): r for r in csv.DictReader(f)}
+    for scorer in scorers:
+        assert summary[("base", scorer)]["win_rate"] == ""
+        mean, low, high = mean_interval(per_model["a1"][scorer])
+        assert float(summary[("a1", scorer)]["mean"]) == pytest.approx(mean)
+        assert float(summary[("a1", scorer)]["mean_low"]) == pytest.approx(low)
+        win = win_rate(per_model["a1"][scorer], per_model["base"][scorer])
+        assert float(summary[("a1", scorer)]["win_rate"]) == pytest.approx(win["win_rate"])
+        assert float(summary[("a1", scorer)]["win_high"]) == pytest.approx(win["high"])
+    assert all(0 <= s <= 1 for s in per_model["base"]["shapes"])
+    assert Image.open(out / "grid.png").size == (80 + 2 * 128, 40 + 3 * 128)  # 3 models x 2 prompts, 4x zoom
+    assert "win rate vs base" in proc.stdout and "a2" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_evaluate_errors_are_one_line(tiny_sd_dir, adapter, scorer_models, tmp_path):
+    import evaluate
+
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    base = ["--pretrained_model_name_or_path", tiny_sd_dir, "--prompts", str(tmp_path / "prompts.txt")]
+    clip = ["--clip_score", scorer_models["clip"]]
+    cases = {
+        r"--shapes_score: prompt 1 'a cat' is not a shapes-world prompt": base + ["--shapes_score"],
+        r"--adapters: '/nonexistent/lora' is neither a local path nor a Hub id": base + clip + ["--adapters", "/nonexistent/lora"],
+        r"no scorer: give at least one of": base,
+        r"--prompts: no file '/nonexistent/p.txt'": ["--pretrained_model_name_or_path", tiny_sd_dir, "--prompts", "/nonexistent/p.txt"],
+        r"could not load model '/nonexistent/sd'": ["--pretrained_model_name_or_path", "/nonexistent/sd", "--prompts", str(tmp_path / "prompts.txt")] + clip,
+    }  # fmt: skip
+    for message, args in cases.items():
+        with pytest.raises(DataError, match=message):
+            evaluate.main(evaluate.parse_args(args))
+    # from the command line: one line, exit 2, no traceback
+    proc = run_evaluate(base + ["--pickscore", "/nonexistent/PickScore_v1"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --pickscore: no folder '/nonexistent/PickScore_v1'"
