@@ -12,8 +12,9 @@ process of its own, with one torch thread:
 - seconds per pair: the median wall time of an optimizer step (``step_seconds`` in metrics.jsonl) over the steps after
   the first, divided by the pairs per step; cached runs read a cache built beforehand, whose one-off cost is shown
   apart, per pair;
-- UNet rows per pair: every UNet forward is counted by its batch rows, with grad or without; "forward-equivalents"
-  weighs a row with grad 3 (forward + backward ~ 2 forwards) and one without 1 (method.md's cost model);
+- UNet rows per pair: the trainer's own count (``unet_grad_evals_per_pair``, ``unet_evals_per_pair`` in
+  metrics.jsonl); "forward-equivalents" weighs a row with grad 3 (forward + backward ~ 2 forwards) and one without 1
+  (method.md's cost model);
 - peak memory: the largest total of tensor storages alive during ``train()`` (``inversion_dpo/memory.py``), i.e.
   activations, gradients, optimizer state and temporaries above the loaded weights. Measured in separate runs, as the
   counter slows the run down.
@@ -40,20 +41,11 @@ sys.path.insert(0, REPO)
 def child(spec: dict):
     """Runs the trainer once with ``spec["flags"]``; prints one JSON line with rows, seconds and peak memory."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     import train_inversion_dpo as script
     from inversion_dpo.memory import PeakTensorMemory
 
     torch.set_num_threads(1)
-    rows = {"grad": 0, "no_grad": 0}
-    forward = UNet2DConditionModel.forward
-
-    def counted(self, sample, *args, **kwargs):
-        rows["grad" if torch.is_grad_enabled() else "no_grad"] += sample.shape[0]
-        return forward(self, sample, *args, **kwargs)
-
-    UNet2DConditionModel.forward = counted
     peak = {}
     if spec["memory"]:
         train = script.train
@@ -73,10 +65,14 @@ def child(spec: dict):
     metrics_file = os.path.join(output_dir, "logs", "metrics.jsonl")
     if os.path.exists(metrics_file):
         with open(metrics_file) as f:
-            steps = [json.loads(line)["step_seconds"] for line in f if '"step_seconds"' in line]
+            steps = [record for record in map(json.loads, f) if "step_seconds" in record]
     result = {
-        "rows": rows,
-        "steps": steps,
+        # the trainer's own count of UNet rows per pair (with grad / without), over the run's steps
+        "rows": {
+            "grad": statistics.fmean(r["unet_grad_evals_per_pair"] for r in steps) if steps else 0,
+            "no_grad": statistics.fmean(r["unet_evals_per_pair"] for r in steps) if steps else 0,
+        },
+        "steps": [r["step_seconds"] for r in steps],
         "peak": peak.get("bytes"),
         "seconds": seconds,
         "cache": returned.get("cache"),
@@ -143,10 +139,28 @@ def main():
     counter = iter(range(10**6))
 
     def flags(extra, steps):
-        return ["--pretrained_model_name_or_path", model, "--dataset_name", pairs, "--resolution", resolution,
-                "--train_batch_size", args.batch, "--max_train_steps", steps, "--seed", 0, "--report_to", "none",
-                "--checkpointing_steps", 10**6, "--output_dir", os.path.join(args.work_dir, f"run-{next(counter)}"),
-                *extra]  # fmt: skip
+        return [
+            "--pretrained_model_name_or_path",
+            model,
+            "--dataset_name",
+            pairs,
+            "--resolution",
+            resolution,
+            "--train_batch_size",
+            args.batch,
+            "--max_train_steps",
+            steps,
+            "--seed",
+            0,
+            "--report_to",
+            "none",
+            "--checkpointing_steps",
+            10**6,
+            "--output_dir",
+            os.path.join(args.work_dir, f"run-{next(counter)}"),
+            "--random_flip",
+            *extra,
+        ]  # fmt: skip  (flips on, as when the README's numbers were measured)
 
     cache_root = os.path.join(args.work_dir, "caches")
 
@@ -154,10 +168,14 @@ def main():
         return ["--inversion_cache", cache_root, "--inversion_steps", n]
 
     def build_cache(n):
-        """The one-off cost of the cache of N steps: rows and seconds of an --inversion_cache_only run, per pair."""
+        """The one-off cost of the cache of N steps: seconds of an --inversion_cache_only run, and its reference rows
+        per pair from its key (each flip and image: N inversion rows, twice with guidance, and N reference rows)."""
         result = run_child(flags(["--objective", "inversion_dpo"] + cached(n) + ["--inversion_cache_only"], 1))
         with open(os.path.join(result["cache"], "cache.json")) as f:
-            result["pairs"] = json.load(f)["key"]["data"]["pairs"]
+            key = json.load(f)["key"]
+        result["pairs"] = key["data"]["pairs"]
+        guided = key["inversion"]["guidance_scale"] != 1.0
+        result["rows_per_pair"] = len(key["data"]["flips"]) * 2 * n * ((2 if guided else 1) + 1)
         return result
 
     N = args.inversion_steps
@@ -185,13 +203,12 @@ def main():
     for name, extra in configs:
         timed = run_child(flags(extra, args.steps))
         memory = run_child(flags(extra, 2), memory=True)
-        pairs_run = args.batch * args.steps
         results.append(
             {
                 "name": name,
                 "seconds": statistics.median(timed["steps"][1:]) / args.batch,
-                "grad": timed["rows"]["grad"] / pairs_run,
-                "no_grad": timed["rows"]["no_grad"] / pairs_run,
+                "grad": timed["rows"]["grad"],
+                "no_grad": timed["rows"]["no_grad"],
                 "peak": memory["peak"],
             }
         )
@@ -208,7 +225,7 @@ def main():
               f"{r['peak'] / 2**20:.1f} MiB | {r['peak'] / base['peak']:.2f} |")  # fmt: skip
     b = builds[N]
     print(f"\nBuilding the cache of N = {N} once (both flips, {b['pairs']} pairs, a whole run with start-up): "
-          f"{b['seconds'] / b['pairs']:.3f} s and {b['rows']['no_grad'] / b['pairs']:.0f} reference UNet rows per pair; "
+          f"{b['seconds'] / b['pairs']:.3f} s and {b['rows_per_pair']} reference UNet rows per pair; "
           f"each epoch from the cache saves the reference side of every pair.")  # fmt: skip
 
     print("\n## Peak memory of training against N (inversion_dpo, target step)\n")
