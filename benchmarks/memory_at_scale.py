@@ -138,6 +138,7 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
     from inversion_dpo.objectives import OBJECTIVES, InversionSteps, inversion_policy
     from inversion_dpo.training import (
         backward_objective,
+        build_parser,
         encode_latents,
         make_denoisers,
         objective_config,
@@ -145,21 +146,20 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
     )
 
     unet, vae, texts = build(spec, dtype)
-    options = SimpleNamespace(rank=rank, gradient_checkpointing=gradient_checkpointing,
-                              enable_xformers_memory_efficient_attention=False)  # fmt: skip
-    unet = prepare_unet(unet, options, dtype, "meta")
+    # the trainer's own flags and defaults, with this row's settings
+    args = build_parser("memory", spec["resolution"]).parse_args(
+        ["--pretrained_model_name_or_path", "-", "--dataset_name", "-"]
+    )
+    args.rank, args.gradient_checkpointing = rank, gradient_checkpointing
+    for name, value in objective_flags.items():
+        setattr(args, name, value)
+    unet = prepare_unet(unet, args, dtype, "meta")
     lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     # a single process: what backward_objective and make_denoisers use of an accelerator
     accelerator = SimpleNamespace(unwrap_model=lambda m: m, sync_gradients=True, autocast=contextlib.nullcontext,
                                   backward=lambda loss: loss.backward(), no_sync=lambda m: contextlib.nullcontext(),
                                   gradient_state=SimpleNamespace(_set_sync_gradients=lambda value: None))  # fmt: skip
     policy, reference = make_denoisers(accelerator, unet, dtype)
-    args = SimpleNamespace(beta_dpo=5000.0, loss_type="sigmoid", inversion_steps=20, inversion_guidance_scale=1.0,
-                           inversion_target="step", inversion_grad_steps=None, inversion_chunk_steps=1,
-                           inversion_margin="trajectory", timestep_weighting="official", inpo_inversion_steps=10,
-                           inpo_eta=0.0, objective="diffusion_dpo")  # fmt: skip
-    for name, value in objective_flags.items():
-        setattr(args, name, value)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     cfg = objective_config(args, scheduler, "meta")
     size = spec["resolution"] // 8
