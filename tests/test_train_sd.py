@@ -63,7 +63,7 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
     )
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("loss", "lr", "seconds"):
+    for key in ("loss", "lr", "step_seconds", "unet_grad_evals_per_pair"):
         assert all(math.isfinite(r[key]) for r in rows)
     name = objective[1]
     if name != "sft":
