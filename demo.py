@@ -45,14 +45,6 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def scores_of(pipe, prompts, num_images, seed):
-    from inversion_dpo import shapes, shapes_eval
-
-    images = shapes_eval.sample(pipe, prompts, num_images, seed)
-    results = [[shapes.score(im, p) for im in ims] for p, ims in zip(prompts, images)]
-    return images, results
-
-
 def summary(results, base_results=None):
     from inversion_dpo.report import mean_interval, wilson_interval, win_rate
 
@@ -126,8 +118,8 @@ def main(args):
     table, grids = {}, {}
     for group, prompts in groups.items():
         prompts = prompts[: args.max_eval_prompts]
-        base_images, base_results = scores_of(base, prompts, args.eval_seeds, seed=10_000)
-        new_images, new_results = scores_of(aligned, prompts, args.eval_seeds, seed=10_000)
+        base_images, base_results = shapes_eval.sample_and_score(base, prompts, args.eval_seeds, seed=10_000)
+        new_images, new_results = shapes_eval.sample_and_score(aligned, prompts, args.eval_seeds, seed=10_000)
         table[group] = {"base": summary(base_results), "aligned": summary(new_results, base_results)}
         grids[group] = (prompts, base_images, new_images)
     print(f"[{time.time() - start:4.0f}s] evaluated")

@@ -119,8 +119,8 @@ def main(args):
 
     def evaluate(key):
         if key not in done:
-            images = shapes_eval.sample(pipe, prompts, args.eval_images, seed=10_000)
-            scores = [shapes.score(im, p) for p, ims in zip(prompts, images) for im in ims]
+            _, results = shapes_eval.sample_and_score(pipe, prompts, args.eval_images, seed=10_000)
+            scores = [s for rs in results for s in rs]
             done[key] = {"run": key[0], "seed": key[1], "step": key[2], "scores": [s.score for s in scores],
                          "passed": [bool(s.passed) for s in scores]}  # fmt: skip
             with open(results_path, "a") as f:

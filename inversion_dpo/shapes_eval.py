@@ -86,6 +86,13 @@ def sample(
     return out
 
 
+def sample_and_score(pipe, prompts: Sequence[str], num_images: int, seed: int, **sample_kwargs):
+    """``sample`` then the shapes scorer: (images, results), each a list per prompt of ``num_images``."""
+    images = sample(pipe, prompts, num_images, seed, **sample_kwargs)
+    results = [[shapes.score(im, p) for im in ims] for p, ims in zip(prompts, images)]
+    return images, results
+
+
 @dataclass
 class GroupResult:
     name: str

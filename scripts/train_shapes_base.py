@@ -127,15 +127,17 @@ def build_models(tokenizer, args):
         )
     )
     blocks = tuple(args.unet_channels)
+    latent_size = 32 // 2 ** (len(args.vae_channels) - 1)
+    plain = 0 if args.full_res_attention else 1  # levels without attention, from the top
     unet = UNet2DConditionModel(
-        sample_size=16,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=blocks,
         layers_per_block=args.unet_layers,
-        # attention (self + cross) only below full latent resolution, as in SD's lowest level, to keep it cheap
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(blocks) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - 1) + ("UpBlock2D",),
+        # by default attention (self + cross) only below full latent resolution, as in SD's lowest level
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (len(blocks) - plain),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - plain) + ("UpBlock2D",) * plain,
         cross_attention_dim=args.text_dim,
         attention_head_dim=4,
         norm_num_groups=8,
@@ -144,8 +146,8 @@ def build_models(tokenizer, args):
         block_out_channels=tuple(args.vae_channels),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=8,
@@ -270,12 +272,30 @@ def main(argv=None):
     ap.add_argument("--caption_dropout", type=float, default=0.1)
     ap.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 64])
     ap.add_argument("--unet_layers", type=int, default=1)
+    ap.add_argument(
+        "--full_res_attention", action="store_true", help="attention at the latent's full resolution too"
+    )
     ap.add_argument("--text_dim", type=int, default=64)
     ap.add_argument("--text_layers", type=int, default=2)
     ap.add_argument("--max_length", type=int, default=16)
     ap.add_argument("--save_every", type=int, default=0, help="also save EMA pipelines every N steps")
     ap.add_argument("--log_every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--timestep_range",
+        type=int,
+        nargs=2,
+        default=[0, 1000],
+        metavar=("LO", "HI"),
+        help="draw training timesteps from [LO, HI); a high range trains layout, which is decided at high noise",
+    )
+    ap.add_argument(
+        "--x0_weight_max",
+        type=float,
+        default=1.0,
+        help="weight each sample's epsilon loss by clamp(1/SNR(t), 1, this): the x0-space loss at high noise, where "
+        "the layout (which object goes where) is decided and the plain epsilon loss hardly sees it; 1 = plain loss",
+    )
     ap.add_argument(
         "--init_from",
         default=None,
@@ -348,12 +368,13 @@ def main(argv=None):
         drop = torch.rand(args.batch, generator=g) < args.caption_dropout
         cond_ids[drop] = empty_ids[0]
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=g)
+        t = torch.randint(args.timestep_range[0], args.timestep_range[1], (args.batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         enc = text_encoder(cond_ids)[0]
         pred = unet(xt, t, encoder_hidden_states=enc).sample
-        loss = F.mse_loss(pred, noise)
+        weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
