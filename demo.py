@@ -25,7 +25,11 @@ sys.path.insert(0, HERE)
 
 def parse_args(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=os.path.join(HERE, "models", "shapes-sd-tiny"))
+    p.add_argument(
+        "--model",
+        default=os.path.join(HERE, "models", "shapes-sd-tiny"),
+        help="An SD or SDXL pipeline folder (models/shapes-sdxl-tiny: the SDXL twin, trained by train_inversion_dpo_sdxl.py).",
+    )
     p.add_argument("--output_dir", default="demo_output")
     p.add_argument("--pair_prompts", type=int, default=64, help="Train prompts sampled for pairs.")
     p.add_argument("--images_per_prompt", type=int, default=4)
@@ -91,9 +95,15 @@ def main(args):
         max_pairs_per_prompt=args.max_pairs_per_prompt,
     )
     print(f"[{time.time() - start:4.0f}s] pairs: {counts}")
+    if counts["pairs"] == 0:
+        raise SystemExit(
+            f"error: the {counts['samples']} samples of '{args.model}' scored alike on every prompt, so there is no "
+            "preference pair to train on (more --images_per_prompt or --pair_prompts, or a better-trained model)"
+        )
 
     # 2. Inversion-DPO LoRA with the real training script
-    cmd = cpu_launch_command(os.path.join(HERE, "train_inversion_dpo.py")) + [
+    script = "train_inversion_dpo_sdxl.py" if hasattr(base, "text_encoder_2") else "train_inversion_dpo.py"
+    cmd = cpu_launch_command(os.path.join(HERE, script)) + [
         "--pretrained_model_name_or_path",
         args.model,
         "--dataset_name",
@@ -105,7 +115,7 @@ def main(args):
         *TRAIN_ARGS,
         *args.train_args.split(),
     ]
-    print(f"[{time.time() - start:4.0f}s] accelerate launch train_inversion_dpo.py {' '.join(cmd[13:])}")
+    print(f"[{time.time() - start:4.0f}s] accelerate launch {script} {' '.join(cmd[13:])}")
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=HERE, HF_HUB_OFFLINE="1"))
     print(f"[{time.time() - start:4.0f}s] trained")
 

@@ -44,7 +44,17 @@ def load_pairs_dataset(name_or_path: str, config_name=None, split: str = "train"
         builder = LOCAL_FORMATS.get(os.path.splitext(name_or_path)[1].lower())
         if builder is None:
             raise DataError(f"dataset file '{name_or_path}' is not one of {sorted(LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(builder, data_files=name_or_path, split="train", cache_dir=cache_dir)
+        try:
+            ds = datasets.load_dataset(builder, data_files=name_or_path, split="train", cache_dir=cache_dir)
+        except Exception as e:  # an empty or unreadable file surfaces as datasets' generation error
+            cause = e.__cause__ or e
+            empty = builder == "parquet" and _parquet_rows(name_or_path) == 0
+            raise DataError(
+                f"dataset file '{name_or_path}' has no rows"
+                if empty
+                else f"could not read dataset file "
+                f"'{name_or_path}' as {builder} ({type(cause).__name__}: {first_line(cause)})"
+            ) from None
         return ds, os.path.dirname(os.path.abspath(name_or_path))
     if os.path.isdir(name_or_path):
         base_dir = os.path.abspath(name_or_path)
@@ -63,6 +73,15 @@ def load_pairs_dataset(name_or_path: str, config_name=None, split: str = "train"
             f"could not load dataset '{name_or_path}': it is not a local file or folder, and loading it from the "
             f"Hub failed ({type(e).__name__}: {first_line(e)}); offline, pass a local path"
         ) from None
+
+
+def _parquet_rows(path: str):
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
 
 
 def check_columns(dataset, columns: PairColumns, source: str):

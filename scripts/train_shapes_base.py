@@ -1,11 +1,12 @@
-"""Trains a tiny Stable Diffusion (same architecture and folder layout) on the shapes world, on the CPU.
+"""Trains a tiny Stable Diffusion (same architecture and folder layout; ``--architecture sdxl``: SDXL's) on the
+shapes world, on the CPU.
 
 Two phases, both on images rendered from ``shapes.train_prompts()`` only (held-out prompts are never drawn):
 
 1. an AutoencoderKL (32 x 32 x 3 <-> 16 x 16 x 4) for reconstruction plus a tiny KL; its
    ``scaling_factor`` is then set so that the scaled latents have unit standard deviation;
-2. a CLIPTextModel and a UNet2DConditionModel, jointly, with the epsilon-prediction loss on cached latents
-   and caption dropout to "" (so that classifier-free guidance works), with an EMA of both.
+2. the text encoder(s) and a UNet2DConditionModel, jointly, with the epsilon-prediction loss on cached latents
+   and caption dropout to the null prompt (so that classifier-free guidance works), with an EMA of both.
 
 The tokenizer is a word-level CLIPTokenizer: BPE merges are generated so that every shapes-world word is one
 token. The result is saved with ``StableDiffusionPipeline.save_pretrained`` (safetensors) and loads with the
@@ -109,23 +110,38 @@ def word_tokenizer(max_length=16):
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def build_models(tokenizer, args):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim of the SDXL variant (SDXL's own is 256)
 
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=args.text_dim,
-            intermediate_size=2 * args.text_dim,
-            num_attention_heads=4,
-            num_hidden_layers=args.text_layers,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+
+def build_models(tokenizer, args):
+    """(text encoders, unet, vae, scheduler). SD: one CLIPTextModel. SDXL: a CLIPTextModel and a
+    CLIPTextModelWithProjection whose penultimate hidden states go side by side into cross-attention, and the
+    ``text_time`` added conditioning (6 time ids and the second encoder's pooled projection), as in SDXL."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_dim,
+        intermediate_size=2 * args.text_dim,
+        num_attention_heads=4,
+        num_hidden_layers=args.text_layers,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=args.text_dim,
     )
+    sdxl = args.architecture == "sdxl"
+    text_encoders = [CLIPTextModel(config)] + ([CLIPTextModelWithProjection(config)] if sdxl else [])
+    xl = {}
+    if sdxl:
+        xl = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + args.text_dim,
+            "use_linear_projection": True,
+        }
     blocks = tuple(args.unet_channels)
     latent_size = 32 // 2 ** (len(args.vae_channels) - 1)
     plain = 0 if args.full_res_attention else 1  # levels without attention, from the top
@@ -138,9 +154,10 @@ def build_models(tokenizer, args):
         # by default attention (self + cross) only below full latent resolution, as in SD's lowest level
         down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (len(blocks) - plain),
         up_block_types=("CrossAttnUpBlock2D",) * (len(blocks) - plain) + ("UpBlock2D",) * plain,
-        cross_attention_dim=args.text_dim,
+        cross_attention_dim=args.text_dim * len(text_encoders),
         attention_head_dim=4,
         norm_num_groups=8,
+        **xl,
     )
     vae = AutoencoderKL(
         block_out_channels=tuple(args.vae_channels),
@@ -163,7 +180,21 @@ def build_models(tokenizer, args):
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return text_encoder, unet, vae, scheduler
+    return text_encoders, unet, vae, scheduler
+
+
+def condition(text_encoders, ids, drop):
+    """(encoder_hidden_states, added_cond_kwargs or None) for token ids [B, L]; rows where ``drop`` is set get the
+    null condition: SD's is the empty prompt (``ids`` already hold it there), SDXL's is all zeros."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](ids)[0], None
+    outs = [te(ids, output_hidden_states=True) for te in text_encoders]
+    keep = (~drop).float()
+    hidden = torch.cat([o.hidden_states[-2] for o in outs], dim=-1) * keep.view(-1, 1, 1)
+    pooled = outs[1].text_embeds * keep.view(-1, 1)
+    size = 32.0
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).expand(len(ids), 6)
+    return hidden, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def n_params(m):
@@ -237,25 +268,45 @@ def ema_update(ema, model, decay):
             pe.lerp_(pm, 1 - decay)
 
 
-def save_pipeline(path, vae, text_encoder, unet, tokenizer, scheduler):
-    from diffusers import StableDiffusionPipeline
+def save_pipeline(path, vae, text_encoders, unet, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if len(text_encoders) == 1:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:  # the same word-level tokenizer for both encoders; zeros as the null prompt, as SDXL does
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
     pipe.save_pretrained(path, safe_serialization=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", default="models/shapes-sd-tiny")
+    ap.add_argument(
+        "--architecture",
+        choices=["sd", "sdxl"],
+        default="sd",
+        help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders, pooled projection, "
+        "time ids, zeros as the null prompt)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_images", type=int, default=20000, help="rendered training images (train prompts only)")
     ap.add_argument("--single_fraction", type=float, default=0.2, help="share of single-object prompts")
@@ -272,9 +323,7 @@ def main(argv=None):
     ap.add_argument("--caption_dropout", type=float, default=0.1)
     ap.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 64])
     ap.add_argument("--unet_layers", type=int, default=1)
-    ap.add_argument(
-        "--full_res_attention", action="store_true", help="attention at the latent's full resolution too"
-    )
+    ap.add_argument("--full_res_attention", action="store_true", help="attention at the latent's full resolution too")
     ap.add_argument("--text_dim", type=int, default=64)
     ap.add_argument("--text_layers", type=int, default=2)
     ap.add_argument("--max_length", type=int, default=16)
@@ -311,20 +360,20 @@ def main(argv=None):
         print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
 
     if args.init_from:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
-        init = StableDiffusionPipeline.from_pretrained(args.init_from, safety_checker=None, feature_extractor=None)
-        tokenizer, text_encoder, unet, vae = init.tokenizer, init.text_encoder, init.unet, init.vae
-        scheduler = init.scheduler
+        init = DiffusionPipeline.from_pretrained(args.init_from, use_safetensors=True)
+        tokenizer, unet, vae, scheduler = init.tokenizer, init.unet, init.vae, init.scheduler
+        text_encoders = [init.text_encoder] + ([init.text_encoder_2] if hasattr(init, "text_encoder_2") else [])
     else:
         tokenizer = word_tokenizer(args.max_length)
     for w in shapes_vocabulary():
         ids = tokenizer(w, add_special_tokens=False).input_ids
         assert len(ids) == 1, f"{w!r} is not one token: {ids}"
     if not args.init_from:
-        text_encoder, unet, vae, scheduler = build_models(tokenizer, args)
+        text_encoders, unet, vae, scheduler = build_models(tokenizer, args)
     log(
-        f"params: vae {n_params(vae):,} text_encoder {n_params(text_encoder):,} unet {n_params(unet):,}; "
+        f"params: vae {n_params(vae):,} text encoders {sum(map(n_params, text_encoders)):,} unet {n_params(unet):,}; "
         f"vocab {len(tokenizer)}"
     )
 
@@ -350,16 +399,16 @@ def main(argv=None):
     tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
     ids = tok.input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema_unet.requires_grad_(False)
-    ema_text.requires_grad_(False)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
+    for m in [ema_unet, *ema_text]:
+        m.requires_grad_(False)
     acp = scheduler.alphas_cumprod
     g = torch.Generator().manual_seed(args.seed + 2)
-    unet.train()
-    text_encoder.train()
+    for m in [unet, *text_encoders]:
+        m.train()
     t0, running = time.time(), 0.0
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(latents), (args.batch,), generator=g)
@@ -371,8 +420,8 @@ def main(argv=None):
         t = torch.randint(args.timestep_range[0], args.timestep_range[1], (args.batch,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        enc = text_encoder(cond_ids)[0]
-        pred = unet(xt, t, encoder_hidden_states=enc).sample
+        enc, added = condition(text_encoders, cond_ids, drop)
+        pred = unet(xt, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
@@ -382,7 +431,8 @@ def main(argv=None):
         sched.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
-        ema_update(ema_text, text_encoder, decay)
+        for ema, te in zip(ema_text, text_encoders):
+            ema_update(ema, te, decay)
         running += loss.item()
         if step % args.log_every == 0 or step == args.steps:
             el = time.time() - t0
@@ -399,7 +449,7 @@ def main(argv=None):
     save_pipeline(args.output_dir, vae, ema_text, ema_unet, tokenizer, scheduler)
     info = {
         "args": vars(args),
-        "params": {"vae": n_params(vae), "text_encoder": n_params(text_encoder), "unet": n_params(unet)},
+        "params": {"vae": n_params(vae), "text_encoders": sum(map(n_params, text_encoders)), "unet": n_params(unet)},
         "scaling_factor": scale,
         "wall_clock_s": round(time.time() - t_start, 1),
     }

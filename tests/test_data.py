@@ -370,3 +370,21 @@ def test_a_broken_image_column_from_datasets_is_counted_not_raised(tmp_path):
     loaded = raw_images(loaded, PairColumns())
     check = check_rows(loaded, PairColumns(), 32, base)
     assert check.keep == [0] and [(b[0], b[1]) for b in check.bad] == [(1, "bad_image")]
+
+
+def test_an_empty_or_corrupt_dataset_file_is_one_line_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty.parquet"
+    schema = pa.schema(
+        [("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64()), ("caption", pa.string())]
+    )
+    pq.write_table(schema.empty_table(), empty)
+    with pytest.raises(DataError, match=r"dataset file '.*empty\.parquet' has no rows"):
+        load_pairs_dataset(str(empty))
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"not a parquet file")
+    with pytest.raises(DataError, match=r"could not read dataset file '.*corrupt\.parquet' as parquet") as e:
+        load_pairs_dataset(str(corrupt))
+    assert "\n" not in str(e.value)
