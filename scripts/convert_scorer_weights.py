@@ -515,14 +515,16 @@ def make_parser():
         s.add_argument("checkpoint", help="The published checkpoint (.pt), read with torch.load(weights_only=True).")
         s.add_argument("--output_dir", required=True, help=f"The folder to write (evaluate.py's --{name}).")
         s.add_argument("--tokenizer", default=tokenizer, help="Its tokenizer: a local folder or a Hub id.")
-        s.add_argument("--vision_heads", type=int, default=None, help="Attention heads of the vision tower (default: "
-                       + ("16 for widths 1280/1408/1664 (ViT-H/g/bigG), else width / 64)." if s is hps else "width / 64)."))  # fmt: skip
-        s.add_argument("--text_heads", type=int, default=None, help="Attention heads of the text tower (default: "
-                       + ("width / 64)." if s is hps else "med_config.json's, else width / 64)."))  # fmt: skip
+        s.add_argument("--vision_heads", type=int, default=None, help="Attention heads of the vision tower; unset: "
+                       + ("16 for widths 1280/1408/1664 (ViT-H/g/bigG), else width / 64." if s is hps else "width / 64."))  # fmt: skip
+        s.add_argument("--text_heads", type=int, default=None, help="Attention heads of the text tower; unset: "
+                       + ("width / 64." if s is hps else "med_config.json's, else width / 64."))  # fmt: skip
         s.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="Of the written weights.")
     hps.add_argument("--quick_gelu", action="store_true", help="QuickGELU (OpenAI's CLIPs); ViT-H/14 uses GELU.")
     ir.add_argument(
-        "--med_config", default=None, help="ImageReward's med_config.json (default: next to the checkpoint, if there)."
+        "--med_config",
+        default=None,
+        help="ImageReward's med_config.json; unset: the one next to the checkpoint, if there.",
     )
     ir.add_argument("--mean", type=float, default=IMAGEREWARD_MEAN, help="ImageReward's reward mean.")
     ir.add_argument("--std", type=float, default=IMAGEREWARD_STD, help="ImageReward's reward std.")
