@@ -643,3 +643,16 @@ def test_evaluate_points_a_published_checkpoint_to_the_converter(tmp_path):
                        r"BlipForImageTextRetrieval folder: convert it with `python scripts/convert_scorer_weights.py "
                        r"imagereward .*ImageReward.pt --output_dir .*/ImageReward`"):  # fmt: skip
         ImageRewardScorer(str(tmp_path / "ImageReward.pt"))
+
+
+def test_every_flag_of_the_converter_is_in_the_readme():
+    conv = converter_module()
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    subparsers = next(a for a in conv.make_parser()._actions if a.dest == "scorer").choices
+    flags = {a.option_strings[0] for p in subparsers.values() for a in p._actions if a.option_strings}
+    assert "--quick_gelu" in flags and "--med_config" in flags
+    assert not [f for f in flags - {"-h"} if f"`{f}`" not in text]
+    for command in ("python scripts/convert_scorer_weights.py hpsv2 HPS_v2.1_compressed.pt --output_dir ",
+                    "python scripts/convert_scorer_weights.py imagereward ImageReward.pt --output_dir "):  # fmt: skip
+        assert command in text
