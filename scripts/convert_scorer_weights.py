@@ -488,9 +488,9 @@ def convert_imagereward(args):
     save_folder(args.output_dir, config, tensors, DTYPES[args.dtype], processor, report)
     save_file({k: v.contiguous() for k, v in head.items()}, os.path.join(args.output_dir, IMAGEREWARD_HEAD))
     print(f"imagereward: {summary}")
-    print(f"imagereward: {len(src.taken)} tensors used once each, {len(src.ignored)} ignored"
-          f"{' (' + ', '.join(src.ignored[:4]) + (', ...' if len(src.ignored) > 4 else '') + ')' if src.ignored else ''}"
-          f"; zero-filled (unused by the score): {', '.join(filled) or '-'}")  # fmt: skip
+    ignored = ", ".join(src.ignored[:4]) + (", ..." if len(src.ignored) > 4 else "") or "-"
+    print(f"imagereward: {len(src.taken)} tensors used once each, {len(src.ignored)} ignored ({ignored}); "
+          f"zero-filled (unused by the score): {', '.join(filled) or '-'}")  # fmt: skip
     print(f"wrote {args.output_dir}: evaluate.py --imagereward {args.output_dir}")
 
 
