@@ -12,7 +12,8 @@ Image j of every prompt starts from the noise of seed ``--seed + j`` for every m
 win rate of an adapter against the base is a paired comparison: per image, 1 if the adapter's scores higher, 1/2 on a
 tie. Writes ``scores.csv`` (one row per model, prompt and seed), ``summary.csv`` (mean and win rate with 95%
 intervals per model and scorer), ``grid.png`` (a row per model, a column per prompt, the first seed) and the images.
-The scorers are in ``inversion_dpo/scorers.py``; a scorer runs only when its weights are given.
+The scorers are in ``inversion_dpo/scorers.py``; a scorer runs only when its weights are given. HPSv2 and ImageReward
+read converted folders: ``scripts/convert_scorer_weights.py`` makes them from the published checkpoints.
 """
 
 import argparse
@@ -52,14 +53,21 @@ def make_parser():
         default=None,
         help="Its processor where the model's folder has none (PickScore_v1: laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
     )
-    g.add_argument("--hpsv2", default=None, help="HPSv2 in transformers' CLIP layout (folder or Hub id).")
+    g.add_argument(
+        "--hpsv2",
+        default=None,
+        help="HPSv2 as a transformers CLIPModel folder; convert the published .pt first with: python "
+        "scripts/convert_scorer_weights.py hpsv2 HPS_v2.1_compressed.pt --output_dir HPS_v2.1_compressed",
+    )
     g.add_argument("--clip_score", default=None, help="A CLIP for CLIP score, e.g. openai/clip-vit-large-patch14.")
     g.add_argument("--aesthetic_clip", default=None, help="The LAION aesthetic predictor's CLIP (ViT-L/14).")
     g.add_argument("--aesthetic_head", default=None, help="Its linear head: .safetensors, or the released .pth.")
     g.add_argument(
         "--imagereward",
         default=None,
-        help="ImageReward in transformers' BLIP layout plus imagereward_head.safetensors.",
+        help="ImageReward as a transformers BlipForImageTextRetrieval folder with imagereward_head.safetensors; "
+        "convert the published .pt first with: python scripts/convert_scorer_weights.py imagereward ImageReward.pt "
+        "--output_dir ImageReward",
     )
     g.add_argument(
         "--shapes_score", action="store_true", help="The shapes world's pixel scorer (shapes prompts only)."

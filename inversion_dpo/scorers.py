@@ -4,19 +4,26 @@ better), built from weights at hand (a Hub id or a local path), safetensors only
 | name | model | score |
 |---|---|---|
 | ``pickscore`` | PickScore (Kirstain et al. 2023, arXiv 2305.01569): a CLIP fine-tuned on Pick-a-Pic | ``exp(logit_scale) * cos(image, text)`` |
-| ``hpsv2`` | HPSv2 (Wu et al. 2023, arXiv 2306.09341): a CLIP ViT-H/14 fine-tuned on HPD v2, in transformers' CLIP layout | ``cos(image, text)`` |
+| ``hpsv2`` | HPSv2 (Wu et al. 2023, arXiv 2306.09341): a CLIP ViT-H/14 fine-tuned on HPD v2, in transformers' CLIP layout (``python scripts/convert_scorer_weights.py hpsv2 HPS_v2.1_compressed.pt --output_dir HPS_v2.1_compressed``) | ``cos(image, text)`` |
 | ``clip_score`` | any CLIP (Hessel et al. 2021, arXiv 2104.08718) | ``100 * max(cos(image, text), 0)`` |
 | ``aesthetic`` | the LAION aesthetic predictor v2: a linear head on CLIP ViT-L/14's normalised image embedding | the head's output |
-| ``imagereward`` | ImageReward (Xu et al. 2023, arXiv 2304.05977): BLIP's image-grounded text encoder, a linear head on its [CLS], normalised by the reward's mean and std | ``(head(cls) - mean) / std`` |
+| ``imagereward`` | ImageReward (Xu et al. 2023, arXiv 2304.05977): BLIP's image-grounded text encoder, a linear head on its [CLS], normalised by the reward's mean and std (``python scripts/convert_scorer_weights.py imagereward ImageReward.pt --output_dir ImageReward``) | ``(head(cls) - mean) / std`` |
 | ``shapes`` | the shapes world's pixel scorer (``inversion_dpo/shapes.py``) | the fraction of the prompt's atoms that hold |
 
 The linear heads (aesthetic, ImageReward) are ``layers.<i>.weight/bias`` of ``torch.nn.Linear`` layers applied in
 order with no activation between them, as both projects define them (their ReLUs are commented out; dropout is off
 at evaluation). A head file is safetensors, or a ``.pth`` state dict read with ``torch.load(weights_only=True)``.
+
+HPSv2 and ImageReward are published in their own code's layouts (an open_clip state dict; ImageReward's BLIP and
+MLP): ``scripts/convert_scorer_weights.py`` writes the folders read here, and ``--hpsv2``/``--imagereward`` given
+the ``.pt`` itself answer with the command that converts it. ImageReward's prompt is its BERT tokenizer's ids as
+they come, ``[CLS]`` first, padded to 35: its ``score()`` does not swap in ``[ENC]`` as BLIP's image-text matching
+does, so neither does this scorer.
 """
 
 import os
 import re
+import shlex
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -27,23 +34,51 @@ from .data import DataError, first_line
 
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"  # layers.<i>.weight/bias, mean, std
 IMAGEREWARD_MAX_LENGTH = 35  # ImageReward's prompt length
+CONVERTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                         "convert_scorer_weights.py")  # fmt: skip
+PUBLISHED = {"hpsv2": "HPS_v2.1_compressed.pt (xswu/HPSv2)", "imagereward": "ImageReward.pt (THUDM/ImageReward)"}
 
 
-def load_model(cls, name_or_path: str, what: str):
-    """``cls.from_pretrained`` (safetensors only) with a one-line error naming the flag and the model."""
+def conversion_command(kind: str, checkpoint: str):
+    """The command that converts a published checkpoint into the folder ``--<kind>`` reads, and that folder (the
+    checkpoint's path without its extension)."""
+    output_dir = os.path.splitext(checkpoint)[0]
+    script = os.path.relpath(CONVERTER)
+    script = CONVERTER if script.startswith("..") else script
+    command = " ".join(shlex.quote(a) for a in ("python", script, kind, checkpoint, "--output_dir", output_dir))
+    return command, output_dir
+
+
+def refuse_checkpoint_file(kind: str, path: str, layout: str):
+    """``--hpsv2`` and ``--imagereward`` read a converted folder: a file (the published ``.pt``) is one line with the
+    command that converts it."""
+    if os.path.isfile(path):
+        command, output_dir = conversion_command(kind, path)
+        raise DataError(f"--{kind}: '{path}' is a checkpoint file, not a transformers {layout} folder: convert it "
+                        f"with `{command}` and pass --{kind} {shlex.quote(output_dir)}")  # fmt: skip
+
+
+def conversion_hint(kind: str) -> str:
+    script = os.path.relpath(CONVERTER)
+    return (f" (the published {PUBLISHED[kind]} must be converted first: python "
+            f"{CONVERTER if script.startswith('..') else script} {kind} --help)")  # fmt: skip
+
+
+def load_model(cls, name_or_path: str, what: str, hint: str = ""):
+    """``cls.from_pretrained`` (safetensors only) with a one-line error naming the flag and the model (and ``hint``)."""
     kwargs = {"use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
     if not os.path.isdir(name_or_path) and (os.path.isabs(name_or_path) or name_or_path.startswith(".")):
-        raise DataError(f"{what}: no folder '{name_or_path}'")
+        raise DataError(f"{what}: no folder '{name_or_path}'{hint}")
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except Exception as e:  # missing, offline, another architecture's weights: all one line naming the model
         where = "local folder" if os.path.isdir(name_or_path) else "Hub id (offline, or no such repository?)"
-        raise DataError(f"{what}: could not load '{name_or_path}' as a {where}: {first_line(e)}") from None
+        raise DataError(f"{what}: could not load '{name_or_path}' as a {where}: {first_line(e)}{hint}") from None
 
 
-def load_head(path: str, what: str) -> Dict[str, torch.Tensor]:
+def load_head(path: str, what: str, hint: str = "") -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise DataError(f"{what}: no file '{path}'")
+        raise DataError(f"{what}: no file '{path}'{hint}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -84,7 +119,11 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         self.kind, self.device = kind, device
-        self.model = load_model(CLIPModel, model, f"--{kind}").to(device).eval()
+        hint = ""
+        if kind == "hpsv2":  # a converted folder: the published .pt is refused with the command that converts it
+            refuse_checkpoint_file(kind, model, "CLIPModel")
+            hint = conversion_hint(kind)
+        self.model = load_model(CLIPModel, model, f"--{kind}", hint).to(device).eval()
         self.processor = load_model(CLIPProcessor, processor or model, f"--{kind} (processor)")
 
     @torch.no_grad()
@@ -130,9 +169,11 @@ class ImageRewardScorer:
         from transformers import BlipForImageTextRetrieval, BlipProcessor
 
         self.device = device
-        self.model = load_model(BlipForImageTextRetrieval, folder, "--imagereward").to(device).eval()
-        self.processor = load_model(BlipProcessor, folder, "--imagereward (processor)")
-        state = load_head(os.path.join(folder, IMAGEREWARD_HEAD), "--imagereward")
+        refuse_checkpoint_file("imagereward", folder, "BlipForImageTextRetrieval")
+        hint = conversion_hint("imagereward")
+        self.model = load_model(BlipForImageTextRetrieval, folder, "--imagereward", hint).to(device).eval()
+        self.processor = load_model(BlipProcessor, folder, "--imagereward (processor)", hint)
+        state = load_head(os.path.join(folder, IMAGEREWARD_HEAD), "--imagereward", hint)
         try:
             self.head = LinearHead(state).to(device).eval()
             self.mean, self.std = float(state["mean"]), float(state["std"])
