@@ -130,7 +130,7 @@ def build_models(tokenizer, args):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=args.text_dim,
+        **({"projection_dim": args.text_dim} if args.architecture == "sdxl" else {}),
     )
     sdxl = args.architecture == "sdxl"
     text_encoders = [CLIPTextModel(config)] + ([CLIPTextModelWithProjection(config)] if sdxl else [])
@@ -422,8 +422,11 @@ def main(argv=None):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         enc, added = condition(text_encoders, cond_ids, drop)
         pred = unet(xt, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
-        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
+        if args.x0_weight_max > 1:
+            weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
+            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
+        else:  # the plain loss, computed as the committed base was (bit-identical reruns)
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
