@@ -8,12 +8,13 @@ import sys
 from conftest import REPO
 
 
-def test_demo_story_end_to_end(tmp_path):
+def run_demo(tmp_path, *extra):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [
             sys.executable,
             os.path.join(REPO, "demo.py"),
+            *extra,
             "--output_dir",
             str(out),
             "--pair_prompts",
@@ -34,6 +35,11 @@ def test_demo_story_end_to_end(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_demo_story_end_to_end(tmp_path):
+    out, proc = run_demo(tmp_path)
     for name in (
         "pytorch_lora_weights.safetensors",
         "README.md",
@@ -47,3 +53,14 @@ def test_demo_story_end_to_end(tmp_path):
     held_out = results["table"]["held-out two-object"]
     assert held_out["base"]["n"] == 3 and 0.0 <= held_out["aligned"]["win_rate"]["win_rate"] <= 1.0
     assert "| held-out two-object | aligned |" in proc.stdout
+
+
+def test_demo_on_the_sdxl_twin_trains_with_the_sdxl_script(tmp_path):
+    out, proc = run_demo(tmp_path, "--model", os.path.join(REPO, "models", "shapes-sdxl-tiny"))
+    assert "accelerate launch train_inversion_dpo_sdxl.py" in proc.stdout
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(REPO, "models", "shapes-sdxl-tiny"))
+    pipe.load_lora_weights(str(out))  # the stock SDXL loader takes the demo's adapter
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    assert json.loads((out / "results.json").read_text())["table"]["held-out two-object"]["aligned"]["n"] == 3
