@@ -135,7 +135,7 @@ def main(args):
             compute = compute_by_step(run_dir)
             for step in range(args.eval_every, args.max_train_steps + 1, args.eval_every):
                 if (label, seed, step) not in done:
-                    pipe.load_lora_weights(os.path.join(run_dir, f"checkpoint-{step}"))
+                    shapes_eval.load_adapter(pipe, os.path.join(run_dir, f"checkpoint-{step}"))
                     evaluate((label, seed, step))
                     pipe.unload_lora_weights()
                 done[(label, seed, step)].update(seconds=compute[step][0], unet_evals=compute[step][1])

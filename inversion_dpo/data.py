@@ -47,13 +47,12 @@ def load_pairs_dataset(name_or_path: str, config_name=None, split: str = "train"
         try:
             ds = datasets.load_dataset(builder, data_files=name_or_path, split="train", cache_dir=cache_dir)
         except Exception as e:  # an empty or unreadable file surfaces as datasets' generation error
+            if builder == "parquet" and _parquet_rows(name_or_path) == 0:
+                raise DataError(f"dataset file '{name_or_path}' has no rows") from None
             cause = e.__cause__ or e
-            empty = builder == "parquet" and _parquet_rows(name_or_path) == 0
             raise DataError(
-                f"dataset file '{name_or_path}' has no rows"
-                if empty
-                else f"could not read dataset file "
-                f"'{name_or_path}' as {builder} ({type(cause).__name__}: {first_line(cause)})"
+                f"could not read dataset file '{name_or_path}' as {builder} "
+                f"({type(cause).__name__}: {first_line(cause)})"
             ) from None
         return ds, os.path.dirname(os.path.abspath(name_or_path))
     if os.path.isdir(name_or_path):

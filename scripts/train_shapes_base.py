@@ -120,6 +120,7 @@ def build_models(tokenizer, args):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    sdxl = args.architecture == "sdxl"
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.text_dim,
@@ -130,9 +131,8 @@ def build_models(tokenizer, args):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **({"projection_dim": args.text_dim} if args.architecture == "sdxl" else {}),
+        **({"projection_dim": args.text_dim} if sdxl else {}),
     )
-    sdxl = args.architecture == "sdxl"
     text_encoders = [CLIPTextModel(config)] + ([CLIPTextModelWithProjection(config)] if sdxl else [])
     xl = {}
     if sdxl:
@@ -367,11 +367,10 @@ def main(argv=None):
         text_encoders = [init.text_encoder] + ([init.text_encoder_2] if hasattr(init, "text_encoder_2") else [])
     else:
         tokenizer = word_tokenizer(args.max_length)
+        text_encoders, unet, vae, scheduler = build_models(tokenizer, args)
     for w in shapes_vocabulary():
         ids = tokenizer(w, add_special_tokens=False).input_ids
         assert len(ids) == 1, f"{w!r} is not one token: {ids}"
-    if not args.init_from:
-        text_encoders, unet, vae, scheduler = build_models(tokenizer, args)
     log(
         f"params: vae {n_params(vae):,} text encoders {sum(map(n_params, text_encoders)):,} unet {n_params(unet):,}; "
         f"vocab {len(tokenizer)}"
