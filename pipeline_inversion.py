@@ -22,7 +22,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from inversion_dpo.ddim import ddim_grid, ddim_invert
+from inversion_dpo.ddim import PREDICTION_TYPES, ddim_grid, ddim_invert, eps_from_prediction
 
 
 logger = logging.get_logger(__name__)
@@ -189,8 +189,8 @@ class InversionPipeline(StableDiffusionPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if prediction_type != "epsilon":
-            raise ValueError(f"DDIM inversion here needs an epsilon-prediction model, not {prediction_type!r}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"DDIM inversion needs an epsilon- or v-prediction model, not {prediction_type!r}.")
         device = self._execution_device
         do_classifier_free_guidance = guidance_scale > 1.0
 
@@ -224,6 +224,7 @@ class InversionPipeline(StableDiffusionPipeline):
 
         # 4. Prepare the grid on a fresh scheduler, so `self.scheduler`'s state (set_timesteps) is untouched
         grid = ddim_grid(DDIMScheduler.from_config(self.scheduler.config), num_inference_steps, device)
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(device, torch.float32)
 
         # 5. Invert: z0 -> x_1 -> ... -> x_N
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -235,7 +236,8 @@ class InversionPipeline(StableDiffusionPipeline):
                     eps_uncond, eps_text = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
                 progress_bar.update()
-                return eps
+                # a v-prediction model's output (guided in v, which is the same as in eps) as the noise
+                return eps_from_prediction(eps, x, alphas_cumprod[t], prediction_type)
 
             walk = ddim_invert(eps_fn, image_latents, grid)
 

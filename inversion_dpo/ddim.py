@@ -24,6 +24,23 @@ def _as_tensor(a: Alpha, like: torch.Tensor) -> torch.Tensor:
     return a.reshape(a.shape + (1,) * (like.ndim - a.ndim)) if a.ndim else a
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def eps_from_prediction(out: torch.Tensor, x_t: torch.Tensor, a_t: Alpha, prediction_type: str) -> torch.Tensor:
+    """The noise prediction implied by a UNet output of ``prediction_type`` at ``x_t`` (level ``a_t``).
+
+    ``v_prediction`` (Salimans & Ho 2022; SD 2.x's 768-v models): ``v = sqrt(a) eps - sqrt(1 - a) x0`` and
+    ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` give ``eps = sqrt(a) v + sqrt(1 - a) x_t``.
+    """
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        a_t = _as_tensor(a_t, x_t)
+        return a_t.sqrt() * out + (1 - a_t).sqrt() * x_t
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
+
+
 def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: Alpha, a_to: Alpha) -> torch.Tensor:
     """Moves ``x`` from level ``a_from`` to level ``a_to`` along the DDIM ODE with noise ``eps``."""
     a_from, a_to = _as_tensor(a_from, x), _as_tensor(a_to, x)

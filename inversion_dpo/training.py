@@ -46,7 +46,7 @@ from .data import (
     raw_images,
     select_pairs,
 )
-from .ddim import ddim_grid
+from .ddim import ddim_grid, eps_from_prediction
 from .objectives import (
     INVERSION_MARGINS,
     INVERSION_TARGETS,
@@ -821,21 +821,33 @@ class UNetCounter:
         return out
 
 
-def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounter] = None):
+def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounter] = None, noise_scheduler=None):
     """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
-    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows."""
+    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows.
+
+    Both return the noise prediction: a v-prediction model's output (``noise_scheduler.config.prediction_type``,
+    SD 2.x's 768-v models) is converted with ``ddim.eps_from_prediction``, so every objective is the same in eps."""
     base = accelerator.unwrap_model(unet)
     counter = counter or UNetCounter()
+    prediction_type = noise_scheduler.config.get("prediction_type", "epsilon") if noise_scheduler else "epsilon"
+    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device, torch.float32) if noise_scheduler else None
+
+    def to_eps(out, x, t):
+        if prediction_type == "epsilon":
+            return out.float()
+        return eps_from_prediction(
+            out.float(), x.float(), alphas[torch.as_tensor(t, device=alphas.device)], prediction_type
+        )
 
     def policy(x, t, cond):
         counter.add(x)
-        return unet(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
+        return to_eps(unet(x.to(weight_dtype), t, **cond, return_dict=False)[0], x, t)
 
     def reference(x, t, cond):
         counter.add(x)
         base.disable_adapters()
         try:
-            return base(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
+            return to_eps(base(x.to(weight_dtype), t, **cond, return_dict=False)[0], x, t)
         finally:
             base.enable_adapters()
 
@@ -1026,7 +1038,12 @@ def train(args, accelerator, arch: Architecture, data):
     cfg = objective_config(args, arch.noise_scheduler, device)
     if args.inversion_cache:
         pairs = prepare_inversion_cache(
-            args, accelerator, arch, pairs, cfg, make_denoisers(accelerator, unet, weight_dtype)[1]
+            args,
+            accelerator,
+            arch,
+            pairs,
+            cfg,
+            make_denoisers(accelerator, unet, weight_dtype, noise_scheduler=arch.noise_scheduler)[1],
         )
         if args.inversion_cache_only:
             accelerator.end_training()
@@ -1068,7 +1085,7 @@ def train(args, accelerator, arch: Architecture, data):
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     training_state = (unet, arch.pipeline_cls, optimizer, lr_scheduler)
     counter = UNetCounter()
-    policy, reference = make_denoisers(accelerator, unet, weight_dtype, counter)
+    policy, reference = make_denoisers(accelerator, unet, weight_dtype, counter, arch.noise_scheduler)
     objective = OBJECTIVES[args.objective]
 
     def objective_on(batch):

@@ -301,3 +301,30 @@ def test_per_step_margin_averages_to_the_trajectory_margin():
         per_step.append(inversion_policy(model.policy, one, cond, step_cfg).margin)
     assert torch.allclose(torch.stack(per_step).mean(0), trajectory, rtol=1e-5, atol=1e-9)
     assert not torch.allclose(per_step[0], trajectory, rtol=1e-2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_trainers_denoisers_return_eps_for_an_eps_or_a_v_model(tiny_sd_dir, prediction_type):
+    """Every objective is written in eps; a v-prediction model (SD 2.x 768-v) is converted per row's own label,
+    with the adapter on (policy) and off (reference)."""
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from inversion_dpo.training import make_denoisers
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    scheduler = DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler", prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 4, 8, 8, generator=gen), torch.tensor([10, 500, 990])
+    cond = {"encoder_hidden_states": torch.randn(3, 4, unet.config.cross_attention_dim, generator=gen)}
+    with torch.no_grad():
+        plain = unet(x, t, **cond).sample
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
+        with_adapter = unet(x, t, **cond).sample
+        policy, reference = make_denoisers(Accelerator(cpu=True), unet, torch.float32, noise_scheduler=scheduler)
+        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        for denoiser, out in [(policy, with_adapter), (reference, plain)]:
+            expected = out if prediction_type == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x
+            torch.testing.assert_close(denoiser(x, t, cond), expected)
+        assert (with_adapter - plain).abs().max() > 1e-4

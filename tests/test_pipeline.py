@@ -202,12 +202,40 @@ def test_non_ddim_scheduler_is_replaced_and_reconstructs(pipe):
     assert_reconstructs(inverting, pil_images(seed=3), guidance_scale=1.0)
 
 
-def test_bad_inputs_are_refused(pipe):
+@torch.no_grad()
+def test_a_v_prediction_model_inverts_as_ddim_inverse_scheduler_does(pipe):
+    """SD 2.x's 768-v models: the walk equals diffusers' own v-prediction inversion, and ``noises`` are eps."""
     v_pred = InversionPipeline.from_pipe(
         pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     )
-    with pytest.raises(ValueError, match="epsilon"):
-        v_pred.invert(pil_images(), PROMPTS, num_inference_steps=2)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    # v -> eps at the level of the label the UNet was given, eps = sqrt(a_t) v + sqrt(1 - a_t) x (as sampling
+    # converts it), then diffusers' epsilon inversion step. (DDIMInverseScheduler's own v branch converts at the
+    # input's lower level instead, which is not what the model was told.)
+    unet, a = v_pred.unet, v_pred.scheduler.alphas_cumprod
+
+    class VAsEps(torch.nn.Module):
+        config, dtype = unet.config, unet.dtype
+
+        def forward(self, x, t, encoder_hidden_states):
+            v = unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+            return type("Out", (), {"sample": a[t].sqrt() * v + (1 - a[t]).sqrt() * x})
+
+    as_eps = InversionPipeline.from_pipe(pipe, unet=VAsEps())
+    _, _, latents, noises = reference_inversion(as_eps, image, PROMPTS, 3.0)
+    inv = v_pred.invert(image, PROMPTS, STEPS, 3.0)
+    torch.testing.assert_close(inv.trajectory, latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inv.noises, noises, rtol=1e-4, atol=1e-4)
+    eps_pred = pipe.invert(image, PROMPTS, STEPS, 3.0)  # the same UNet read as eps walks elsewhere
+    assert (eps_pred.trajectory - inv.trajectory).abs().max() > 1e-2
+
+
+def test_bad_inputs_are_refused(pipe):
+    sample_pred = InversionPipeline.from_pipe(
+        pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    )
+    with pytest.raises(ValueError, match="epsilon- or v-prediction model, not 'sample'"):
+        sample_pred.invert(pil_images(), PROMPTS, num_inference_steps=2)
     with pytest.raises(ValueError, match="3 prompts for 2 images"):
         pipe.invert(pil_images(), PROMPTS + ["a third"], num_inference_steps=2)
     with pytest.raises(ValueError, match="exactly one"):
