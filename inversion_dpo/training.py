@@ -46,7 +46,7 @@ from .data import (
     raw_images,
     select_pairs,
 )
-from .ddim import ddim_grid, eps_from_prediction
+from .ddim import PREDICTION_TYPES, ddim_grid, eps_from_prediction
 from .objectives import (
     INVERSION_MARGINS,
     INVERSION_TARGETS,
@@ -831,6 +831,10 @@ def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounte
     counter = counter or UNetCounter()
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon") if noise_scheduler else "epsilon"
     alphas = noise_scheduler.alphas_cumprod.to(accelerator.device, torch.float32) if noise_scheduler else None
+    if prediction_type not in PREDICTION_TYPES:
+        raise SystemExit(
+            f"error: the model's scheduler predicts {prediction_type!r}; only {PREDICTION_TYPES} can be trained"
+        )
 
     def to_eps(out, x, t):
         if prediction_type == "epsilon":

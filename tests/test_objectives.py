@@ -328,3 +328,7 @@ def test_the_trainers_denoisers_return_eps_for_an_eps_or_a_v_model(tiny_sd_dir, 
             expected = out if prediction_type == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x
             torch.testing.assert_close(denoiser(x, t, cond), expected)
         assert (with_adapter - plain).abs().max() > 1e-4
+    if prediction_type == "v_prediction":
+        sample = DDIMScheduler.from_config(scheduler.config, prediction_type="sample")
+        with pytest.raises(SystemExit, match="predicts 'sample'; only"):
+            make_denoisers(Accelerator(cpu=True), unet, torch.float32, noise_scheduler=sample)
