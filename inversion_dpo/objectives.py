@@ -82,9 +82,13 @@ def reference_distance_margin(eps_pol_w, eps_ref_w, eps_pol_l, eps_ref_l) -> tor
 
 
 def inversion_step_weights(alphas: torch.Tensor, weighting: str) -> torch.Tensor:
-    """Weights of the inversion steps from their levels' alphas: official ``1 / (2 a_t)`` or uniform 1."""
+    """Weights of the inversion steps from their levels' alphas: official ``1 / (2 a_t)`` or uniform 1.
+
+    A level with ``a_t = 0`` (zero terminal SNR, Lin et al. 2024) gets 0 under ``official``: it holds no image, and
+    there a v-prediction model's eps is ``x_t`` itself, the same for policy and reference, so its term is 0 anyway
+    (``1 / 0`` would make it ``0 * inf = nan``)."""
     if weighting == "official":
-        return 1.0 / (2.0 * alphas)
+        return torch.where(alphas > 0, 1.0 / (2.0 * alphas.clamp(min=torch.finfo(alphas.dtype).tiny)), 0.0)
     if weighting == "uniform":
         return torch.ones_like(alphas)
     raise ValueError(f"unknown timestep weighting {weighting!r}; expected one of {TIMESTEP_WEIGHTINGS}")

@@ -45,6 +45,9 @@ def test_official_step_weights():
     alphas = torch.tensor([0.5, 0.25])
     assert torch.allclose(inversion_step_weights(alphas, "official"), torch.tensor([1.0, 2.0]))
     assert torch.allclose(inversion_step_weights(alphas, "uniform"), torch.ones(2))
+    # zero terminal SNR: the pure-noise level weighs 0, not inf (0 * inf would make the loss nan)
+    zero_snr = inversion_step_weights(torch.tensor([0.5, 0.0]), "official")
+    assert zero_snr.tolist() == [1.0, 0.0]
 
 
 class LinearDenoiser(torch.nn.Module):

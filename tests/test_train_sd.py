@@ -85,6 +85,48 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
 
 
 @pytest.fixture(scope="module")
+def zero_snr_v_model(tiny_sd_dir, tmp_path_factory):
+    """The tiny SD read as a v-prediction model with zero terminal SNR and trailing steps (stock scheduler options)."""
+    import shutil
+
+    path = str(tmp_path_factory.mktemp("models") / "tiny-sd-zero-snr-v")
+    shutil.copytree(tiny_sd_dir, path)
+    config_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    config = json.load(open(config_file))
+    config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    json.dump(config, open(config_file, "w"))
+    return path
+
+
+@pytest.mark.parametrize("objective", ["inversion_dpo", "diffusion_dpo", "inpo"])
+def test_a_zero_snr_v_prediction_model_trains(objective, zero_snr_v_model, tiny_pairs_parquet, tmp_path):
+    """The top level of a trailing grid is pure noise there (alphas_cumprod 0): the official 1/(2a) weight and the
+    v -> eps conversion must not turn it into nan."""
+    out = str(tmp_path / "out")
+    flags = ["--inversion_steps", "4", "--timestep_weighting", "official"] if objective == "inversion_dpo" else []
+    run(
+        SCRIPT,
+        [
+            "--pretrained_model_name_or_path",
+            zero_snr_v_model,
+            "--dataset_name",
+            tiny_pairs_parquet,
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            2,
+            *QUICK,
+            "--objective",
+            objective,
+            *flags,
+        ],
+    )
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert max(v.abs().max().item() for k, v in lora(out).items() if "lora_B" in k or "lora.up" in k) > 0
+
+
+@pytest.fixture(scope="module")
 def four_steps(tiny_sd_dir, tiny_pairs_parquet, tmp_path_factory):
     """One uninterrupted 4-step run with a checkpoint every step, at most 2 kept, and validation."""
     out = str(tmp_path_factory.mktemp("run") / "out")
