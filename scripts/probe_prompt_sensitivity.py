@@ -3,7 +3,8 @@
 
 For one prompt and a few single-word edits of it (the relation's direction, its axis, the objects' order, a
 colour, the empty prompt), prints ||eps(x_t, edited) - eps(x_t, prompt)|| / ||eps(x_t, prompt)|| at several
-timesteps on the same noise. A model that ignores a word (this base ignores "left of" vs "right of": about 0.05%
+timesteps on the same noise (a v-prediction model's output converted to its noise prediction), and first how far
+the text encoder's own states move per edit. A model that ignores a word (this base ignores "left of" vs "right of": about 0.05%
 against 2-5% for a colour) gives its sampler and any preference objective nothing to work with.
 
     OMP_NUM_THREADS=1 python scripts/probe_prompt_sensitivity.py [--model models/shapes-sd-tiny] [--lora DIR]
@@ -29,6 +30,7 @@ EDITS = {
 
 def main(argv=None):
     from inversion_dpo import shapes_eval
+    from inversion_dpo.ddim import eps_from_prediction
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/shapes-sd-tiny")
@@ -51,7 +53,23 @@ def main(argv=None):
             cond, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
             ids = torch.tensor([[size * pipe.vae_scale_factor] * 2 + [0, 0] + [size * pipe.vae_scale_factor] * 2])
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.expand(len(x), -1), "time_ids": ids.expand(len(x), 6)}
-        return pipe.unet(x, t, encoder_hidden_states=cond.expand(len(x), -1, -1), **kwargs).sample
+        out = pipe.unet(x, t, encoder_hidden_states=cond.expand(len(x), -1, -1), **kwargs).sample
+        a_t = pipe.scheduler.alphas_cumprod[t]  # a v-prediction model's output as its noise prediction
+        return eps_from_prediction(out, x, a_t, pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+    @torch.no_grad()
+    def text_states(prompt):
+        ids = pipe.tokenizer(
+            prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+        )
+        return pipe.text_encoder(ids.input_ids)[0][0]  # [L, D]
+
+    # the first text encoder's last states, per token, then averaged: does the text side keep the edit at all?
+    ref_text = text_states(args.prompt)
+    text_change = [
+        ((text_states(p) - ref_text).norm(dim=-1) / ref_text.norm(dim=-1)).mean().item() for p in EDITS.values()
+    ]
+    print("text encoder states: " + " ".join(f"{k} {100 * v:.1f}%" for k, v in zip(EDITS, text_change)))
 
     print(f"prompt: {args.prompt!r}; relative change of the noise prediction per edit")
     print("t     " + " ".join(f"{k:>10}" for k in EDITS))

@@ -178,7 +178,13 @@ def build_models(tokenizer, args):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        **(
+            # "Common Diffusion Noise Schedules and Sample Steps are Flawed" (Lin et al., 2024): the last level is
+            # pure noise, as at sampling, so the layout cannot leak through x_T in training; needs v-prediction
+            {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+            if args.zero_snr
+            else {"prediction_type": "epsilon"}
+        ),
     )
     return text_encoders, unet, vae, scheduler
 
@@ -346,6 +352,17 @@ def main(argv=None):
         "the layout (which object goes where) is decided and the plain epsilon loss hardly sees it; 1 = plain loss",
     )
     ap.add_argument(
+        "--freeze_text_encoder",
+        action="store_true",
+        help="train the UNet only; jointly trained, the tiny text encoder collapses 'left of' and 'right of' onto "
+        "nearly the same states (the UNet gave it no reason to keep them apart)",
+    )
+    ap.add_argument(
+        "--zero_snr",
+        action="store_true",
+        help="zero terminal SNR (rescaled betas), v-prediction and trailing timesteps, all stock DDIMScheduler options",
+    )
+    ap.add_argument(
         "--init_from",
         default=None,
         help="continue phase 2 from a saved pipeline folder (its tokenizer, VAE and scaling factor are kept)",
@@ -398,7 +415,10 @@ def main(argv=None):
     tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
     ids = tok.input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters()]
+    if args.freeze_text_encoder:  # as Stable Diffusion does: the text side stays at its (here random) init
+        for te in text_encoders:
+            te.requires_grad_(False)
+    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
@@ -421,11 +441,14 @@ def main(argv=None):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         enc, added = condition(text_encoders, cond_ids, drop)
         pred = unet(xt, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        target = noise
+        if scheduler.config.prediction_type == "v_prediction":
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
         if args.x0_weight_max > 1:
             weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
-            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
+            loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
         else:  # the plain loss, computed as the committed base was (bit-identical reruns)
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
