@@ -58,6 +58,33 @@ def test_the_script_writes_a_stock_pipeline(tmp_path, architecture):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_zero_snr_and_a_frozen_text_encoder(tmp_path):
+    """--zero_snr writes a stock v-prediction, zero-terminal-SNR, trailing scheduler that samples without nan;
+    --freeze_text_encoder leaves the text encoder exactly at its initialisation (the same seed's weights)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    common = ["--num_images", "64", "--vae_steps", "2", "--steps", "3", "--batch", "4", "--log_every", "1",
+              "--unet_channels", "16", "32", "--text_dim", "32"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name, flags in [("frozen", ["--zero_snr", "--freeze_text_encoder"]), ("zero", ["--steps", "0"])]:
+        run = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / name), *common, *flags], env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "frozen", safety_checker=None, feature_extractor=None)
+    config = pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction",
+        True,
+        "trailing",
+    )
+    assert pipe.scheduler.alphas_cumprod[-1] == 0
+    images = sample(pipe)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    frozen, untrained = (load_file(tmp_path / n / "text_encoder" / "model.safetensors") for n in ("frozen", "zero"))
+    assert frozen.keys() == untrained.keys() and all(torch.equal(frozen[k], untrained[k]) for k in frozen)
+
+
 def test_the_committed_sdxl_twin_loads_in_stock_diffusers_and_is_small():
     from diffusers import StableDiffusionXLPipeline
 
@@ -78,7 +105,14 @@ def test_the_prompt_probe_measures_what_the_readme_says_of_the_base():
     cmd = [sys.executable, probe, "--model", os.path.join(REPO, "models", "shapes-sd-tiny"), "--timesteps", "500"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-2000:]
-    header, row = run.stdout.strip().splitlines()[-2:]
+    lines = run.stdout.strip().splitlines()
+    header, row = lines[-2:]
     changes = dict(zip(header.split()[1:], (float(v.rstrip("%")) for v in row.split()[1:])))
     assert set(changes) == {"direction", "axis", "order", "colour", "empty"}
     assert 0 < changes["direction"] < changes["colour"] / 10
+    # and the cause: the text encoder's own states hardly move when "left of" becomes "right of"
+    text = [line for line in lines if line.startswith("text encoder states:")]
+    assert len(text) == 1
+    words = text[0].split(":", 1)[1].split()
+    text_changes = {k: float(v.rstrip("%")) for k, v in zip(words[::2], words[1::2])}
+    assert 0 < text_changes["direction"] < text_changes["colour"] / 5
