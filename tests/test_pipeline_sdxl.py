@@ -130,6 +130,35 @@ def test_invert_matches_ddim_inverse_scheduler(pipe, guidance_scale):
     torch.testing.assert_close(by_embeds.trajectory, inv.trajectory)
 
 
+@torch.no_grad()
+def test_a_v_prediction_model_inverts_with_eps_at_the_labels_level(pipe):
+    """As the SD pipeline: v -> eps = sqrt(a_t) v + sqrt(1 - a_t) x at the label's level, then the DDIM step."""
+    v_pred = InversionXLPipeline.from_pipe(
+        pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    )
+    unet, a = pipe.unet, pipe.scheduler.alphas_cumprod
+
+    class VAsEps(torch.nn.Module):
+        config, dtype = unet.config, unet.dtype
+
+        def forward(self, x, t, **kwargs):
+            v = unet(x, t, **kwargs).sample
+            return type("Out", (), {"sample": a[t].sqrt() * v + (1 - a[t]).sqrt() * x})
+
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    _, _, latents, noises = reference_inversion(
+        InversionXLPipeline.from_pipe(pipe, unet=VAsEps()), image, PROMPTS, 3.0
+    )
+    inv = v_pred.invert(image, PROMPTS, STEPS, 3.0)
+    torch.testing.assert_close(inv.trajectory, latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inv.noises, noises, rtol=1e-4, atol=1e-4)
+    sample_pred = InversionXLPipeline.from_pipe(
+        pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    )
+    with pytest.raises(ValueError, match="not 'sample'"):
+        sample_pred.invert(image, PROMPTS, STEPS)
+
+
 def test_time_ids_reach_the_unet(pipe):
     images = pil_images(seed=5)
     default = pipe.invert(images, PROMPTS, num_inference_steps=3).latents
