@@ -156,11 +156,12 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
     unet = prepare_unet(unet, args, dtype, "meta")
     lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     # a single process: what backward_objective and make_denoisers use of an accelerator
-    accelerator = SimpleNamespace(unwrap_model=lambda m: m, sync_gradients=True, autocast=contextlib.nullcontext,
-                                  backward=lambda loss: loss.backward(), no_sync=lambda m: contextlib.nullcontext(),
+    accelerator = SimpleNamespace(device="meta", unwrap_model=lambda m: m, sync_gradients=True,
+                                  autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
+                                  no_sync=lambda m: contextlib.nullcontext(),
                                   gradient_state=SimpleNamespace(_set_sync_gradients=lambda value: None))  # fmt: skip
-    policy, reference = make_denoisers(accelerator, unet, dtype)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    policy, reference = make_denoisers(accelerator, unet, dtype, scheduler)
     cfg = objective_config(args, scheduler, "meta")
     size = spec["resolution"] // 8
     with torch.no_grad(), PeakTensorMemory() as encoding:  # the VAE and text encoders: not needed with the cache

@@ -88,7 +88,7 @@ def inversion_step_weights(alphas: torch.Tensor, weighting: str) -> torch.Tensor
     there a v-prediction model's eps is ``x_t`` itself, the same for policy and reference, so its term is 0 anyway
     (``1 / 0`` would make it ``0 * inf = nan``)."""
     if weighting == "official":
-        return torch.where(alphas > 0, 1.0 / (2.0 * alphas.clamp(min=torch.finfo(alphas.dtype).tiny)), 0.0)
+        return torch.where(alphas > 0, 1.0 / (2.0 * alphas), 0.0)  # alphas carry no grad: the inf is never used
     if weighting == "uniform":
         return torch.ones_like(alphas)
     raise ValueError(f"unknown timestep weighting {weighting!r}; expected one of {TIMESTEP_WEIGHTINGS}")

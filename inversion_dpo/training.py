@@ -821,7 +821,7 @@ class UNetCounter:
         return out
 
 
-def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounter] = None, noise_scheduler=None):
+def make_denoisers(accelerator, unet, weight_dtype, noise_scheduler, counter: Optional[UNetCounter] = None):
     """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
     weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows.
 
@@ -829,8 +829,8 @@ def make_denoisers(accelerator, unet, weight_dtype, counter: Optional[UNetCounte
     SD 2.x's 768-v models) is converted with ``ddim.eps_from_prediction``, so every objective is the same in eps."""
     base = accelerator.unwrap_model(unet)
     counter = counter or UNetCounter()
-    prediction_type = noise_scheduler.config.get("prediction_type", "epsilon") if noise_scheduler else "epsilon"
-    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device, torch.float32) if noise_scheduler else None
+    prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     if prediction_type not in PREDICTION_TYPES:
         raise SystemExit(
             f"error: the model's scheduler predicts {prediction_type!r}; only {PREDICTION_TYPES} can be trained"
@@ -1047,7 +1047,7 @@ def train(args, accelerator, arch: Architecture, data):
             arch,
             pairs,
             cfg,
-            make_denoisers(accelerator, unet, weight_dtype, noise_scheduler=arch.noise_scheduler)[1],
+            make_denoisers(accelerator, unet, weight_dtype, arch.noise_scheduler)[1],
         )
         if args.inversion_cache_only:
             accelerator.end_training()
@@ -1089,7 +1089,7 @@ def train(args, accelerator, arch: Architecture, data):
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     training_state = (unet, arch.pipeline_cls, optimizer, lr_scheduler)
     counter = UNetCounter()
-    policy, reference = make_denoisers(accelerator, unet, weight_dtype, counter, arch.noise_scheduler)
+    policy, reference = make_denoisers(accelerator, unet, weight_dtype, arch.noise_scheduler, counter)
     objective = OBJECTIVES[args.objective]
 
     def objective_on(batch):

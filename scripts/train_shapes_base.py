@@ -441,9 +441,7 @@ def main(argv=None):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         enc, added = condition(text_encoders, cond_ids, drop)
         pred = unet(xt, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        target = noise
-        if scheduler.config.prediction_type == "v_prediction":
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
         if args.x0_weight_max > 1:
             weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
             loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()

@@ -69,16 +69,27 @@ def test_grid_is_the_schedulers_grid(config, num_steps):
     torch.testing.assert_close(grid.alphas[1:], forward.alphas_cumprod[grid.timesteps], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
-def test_ddim_step_is_ddim_scheduler_step(config, num_steps):
+def test_ddim_step_is_ddim_scheduler_step(config, num_steps, prediction_type):
+    """v_prediction (SD 2.x's 768-v models): stepping with ``eps_from_prediction(v)`` is DDIMScheduler's own
+    v-prediction step."""
+    config = dict(config, prediction_type=prediction_type)
     forward, _ = schedulers(config, num_steps)
     grid = ddim_grid(DDIMScheduler(**config), num_steps)
     gen = torch.Generator().manual_seed(1)
     for i in range(num_steps):
-        x_t, eps = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
-        expected = forward.step(eps, grid.timesteps[i], x_t, eta=0.0).prev_sample
+        x_t, out = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+        expected = forward.step(out, grid.timesteps[i], x_t, eta=0.0).prev_sample
+        eps = eps_from_prediction(out, x_t, grid.alphas[i + 1], prediction_type)
         actual = ddim_step(x_t, eps, grid.alphas[i + 1], grid.alphas[i])
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_other_prediction_types_are_refused():
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match="'sample' is not supported"):
+        eps_from_prediction(x, x, 0.5, "sample")
 
 
 @pytest.mark.parametrize("config,num_steps", CASES, ids=CASE_IDS)
@@ -176,21 +187,3 @@ def test_implied_noise_lands_on_z0_in_one_step():
     a = a_t.reshape(-1, 1, 1, 1)
     noised = a.sqrt() * z0 + (1 - a).sqrt() * n
     torch.testing.assert_close(implied_noise(noised, z0, a_t), n, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("num_steps", [10, 25])
-def test_a_v_prediction_converted_to_eps_steps_as_the_v_prediction_scheduler(num_steps):
-    """SD 2.x's 768-v models: stepping with ``eps_from_prediction(v)`` is DDIMScheduler's own v-prediction step."""
-    config = dict(CONFIGS[0], prediction_type="v_prediction")
-    forward, _ = schedulers(config, num_steps)
-    grid = ddim_grid(DDIMScheduler(**config), num_steps)
-    gen = torch.Generator().manual_seed(2)
-    for i in range(num_steps):
-        x_t, v = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
-        expected = forward.step(v, grid.timesteps[i], x_t, eta=0.0).prev_sample
-        eps = eps_from_prediction(v, x_t, grid.alphas[i + 1], "v_prediction")
-        torch.testing.assert_close(
-            ddim_step(x_t, eps, grid.alphas[i + 1], grid.alphas[i]), expected, rtol=1e-5, atol=1e-5
-        )
-    with pytest.raises(ValueError, match="'sample' is not supported"):
-        eps_from_prediction(v, x_t, grid.alphas[1], "sample")

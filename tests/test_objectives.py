@@ -325,7 +325,7 @@ def test_the_trainers_denoisers_return_eps_for_an_eps_or_a_v_model(tiny_sd_dir, 
         plain = unet(x, t, **cond).sample
         unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False))
         with_adapter = unet(x, t, **cond).sample
-        policy, reference = make_denoisers(Accelerator(cpu=True), unet, torch.float32, noise_scheduler=scheduler)
+        policy, reference = make_denoisers(Accelerator(cpu=True), unet, torch.float32, scheduler)
         a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         for denoiser, out in [(policy, with_adapter), (reference, plain)]:
             expected = out if prediction_type == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x
@@ -334,4 +334,4 @@ def test_the_trainers_denoisers_return_eps_for_an_eps_or_a_v_model(tiny_sd_dir, 
     if prediction_type == "v_prediction":
         sample = DDIMScheduler.from_config(scheduler.config, prediction_type="sample")
         with pytest.raises(SystemExit, match="predicts 'sample'; only"):
-            make_denoisers(Accelerator(cpu=True), unet, torch.float32, noise_scheduler=sample)
+            make_denoisers(Accelerator(cpu=True), unet, torch.float32, sample)
