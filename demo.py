@@ -43,7 +43,7 @@ def parse_args(input_args=None):
 
 TRAIN_ARGS = [
     "--objective", "inversion_dpo", "--inversion_target", "step", "--inversion_steps", "5",
-    "--train_batch_size", "8", "--max_train_steps", "60", "--learning_rate", "1e-3", "--beta_dpo", "5000",
+    "--train_batch_size", "8", "--max_train_steps", "60", "--learning_rate", "1e-3", "--beta_dpo", "50000",
     "--rank", "8", "--resolution", "32", "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
     "--report_to", "tensorboard",
 ]  # fmt: skip
