@@ -85,6 +85,32 @@ def test_zero_snr_and_a_frozen_text_encoder(tmp_path):
     assert frozen.keys() == untrained.keys() and all(torch.equal(frozen[k], untrained[k]) for k in frozen)
 
 
+def test_the_encoder_cycle_phase_moves_only_the_encoder_and_closes_the_cycle(tmp_path):
+    """Phase 3 on the committed base: encoding the model's decoded (JPEG) samples comes closer to the latents they
+    were decoded from, and nothing that sampling uses changes (decoder, UNet, text encoder bit-equal)."""
+    from safetensors.torch import load_file
+
+    base = os.path.join(REPO, "models", "shapes-sd-tiny")
+    cmd = [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "cycled"), "--init_from", base, "--steps", "0",
+           "--freeze_text_encoder", "--num_images", "64", "--encoder_cycle_steps", "40", "--encoder_cycle_samples",
+           "16", "--log_every", "10"]  # fmt: skip
+    run = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [line.split(": ", 1)[1] for line in run.stdout.splitlines() if "encoder cycle |E(D(z)) - z|" in line]
+    (before, after) = [[float(w.rstrip(",;")) for w in e.split() if w[0].isdigit()] for e in errors]
+    assert after[0] < before[0] and after[1] < before[1]  # samples, renders
+    assert before[2] == 0 and after[2] < 0.05  # renders' own latents stay close to those the UNet learned
+    for part, file in [("vae", "diffusion_pytorch_model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "model.safetensors")]:  # fmt: skip
+        old, new = (load_file(os.path.join(d, part, file)) for d in (base, tmp_path / "cycled"))
+        assert old.keys() == new.keys()
+        moved = {k for k in old if not torch.equal(old[k], new[k])}
+        if part == "vae":
+            assert moved and all(k.startswith(("encoder.", "quant_conv.")) for k in moved), sorted(moved)[:5]
+        else:
+            assert not moved, (part, sorted(moved)[:5])
+
+
 def test_the_committed_sdxl_twin_loads_in_stock_diffusers_and_is_small():
     from diffusers import StableDiffusionXLPipeline
 
