@@ -42,10 +42,15 @@ def eps_from_prediction(out: torch.Tensor, x_t: torch.Tensor, a_t: Alpha, predic
 
 
 def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: Alpha, a_to: Alpha) -> torch.Tensor:
-    """Moves ``x`` from level ``a_from`` to level ``a_to`` along the DDIM ODE with noise ``eps``."""
+    """Moves ``x`` from level ``a_from`` to level ``a_to`` along the DDIM ODE with noise ``eps``.
+
+    A move between equal levels returns ``x`` exactly, also at a zero-terminal-SNR schedule's top level, where
+    ``a = 0`` would otherwise divide 0 by 0 (InPO steps to its sampled level even when already there)."""
     a_from, a_to = _as_tensor(a_from, x), _as_tensor(a_to, x)
-    x0_hat = (x.float() - (1 - a_from).sqrt() * eps.float()) / a_from.sqrt()
-    return (a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps.float()).to(x.dtype)
+    stay = a_from == a_to
+    x0_hat = (x.float() - (1 - a_from).sqrt() * eps.float()) / torch.where(stay, 1.0, a_from).sqrt()
+    moved = a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps.float()
+    return torch.where(stay, x.float(), moved).to(x.dtype)
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: Alpha, a_s: Alpha) -> torch.Tensor:
@@ -122,6 +127,9 @@ def ddim_sample(eps_fn: Callable, x_N: torch.Tensor, grid: DDIMGrid) -> torch.Te
 
 
 def ddpm_posterior_std(a_s: Alpha, a_t: Alpha) -> torch.Tensor:
-    """Std of q(x_s | x_t, x_0) for levels a_s > a_t (DDPM eq. 7 between two arbitrary levels)."""
+    """Std of q(x_s | x_t, x_0) for levels a_s > a_t (DDPM eq. 7 between two arbitrary levels); 0 between equal
+    levels (no step), also where both are 0."""
     a_s, a_t = torch.as_tensor(a_s, dtype=torch.float32), torch.as_tensor(a_t, dtype=torch.float32)
-    return ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt()
+    stay = a_s == a_t
+    var = (1 - a_s) / torch.where(stay, 1.0, 1 - a_t) * (1 - a_t / torch.where(stay, 1.0, a_s))
+    return torch.where(stay, 0.0, var).clamp(min=0).sqrt()

@@ -1,11 +1,12 @@
 """The objectives on hand-made tensors and a tiny linear denoiser whose 'adapter' can be switched off."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 
-from inversion_dpo.ddim import ddim_grid, ddim_step
+from inversion_dpo.ddim import ddim_grid, ddim_move, ddim_step, ddpm_posterior_std
 from inversion_dpo.objectives import (
     OBJECTIVES,
     ObjectiveConfig,
@@ -221,6 +222,33 @@ def test_inpo_target_reaches_the_sampled_level():
     a_t = cfg.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
     clean = cfg.inpo_grid.alphas[0]
     assert torch.allclose(seen["x"], (a_t / clean).sqrt() * z0, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.1])
+def test_inpo_at_the_top_level_of_a_zero_snr_schedule_is_finite(eta):
+    """With zero terminal SNR the top level has a = 0; InPO's inversion reaches it on its grid and then steps "to t
+    itself", a move from a = 0 to a = 0 that divided 0 by 0 (nan loss mid-run on the shapes base, t = 999)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    assert sched.alphas_cumprod[-1] == 0
+    T = len(sched.alphas_cumprod)
+    cfg = ObjectiveConfig(sched.alphas_cumprod.float(), beta=500.0, inpo_grid=ddim_grid(sched, 4), inpo_eta=eta)
+    model = LinearDenoiser()
+    z0, cond, null = pair_batch()
+    real_randint = torch.randint
+    with mock.patch.object(torch, "randint", lambda lo, hi=None, *a, **k: real_randint(T - 1, T, *a, **k)):
+        out = OBJECTIVES["inpo"](model.policy, model.reference, z0, cond, null, cfg)
+    assert torch.isfinite(out.loss).all() and torch.isfinite(out.margin).all()
+    assert torch.allclose(out.loss, torch.full_like(out.loss, math.log(2)))  # policy == reference at init
+
+
+def test_a_move_between_equal_levels_is_the_identity():
+    x, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    for a in (0.0, 0.3, 1.0):
+        assert torch.equal(ddim_move(x, eps, a, a), x)
+        assert ddpm_posterior_std(a, a) == 0
+    assert torch.allclose(ddim_move(x, eps, torch.tensor([0.5, 0.0]), torch.tensor([0.5, 0.0])), x)
 
 
 @pytest.mark.parametrize("target", ["step", "x0"])
