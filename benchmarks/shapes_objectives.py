@@ -15,6 +15,7 @@ Writes ``results.jsonl`` (one line per checkpoint), ``table.md`` and ``curves.pn
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,8 @@ def train(args, label, seed, pairs, run_dir):
 
     if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
         return
+    # an unfinished run (stopped, or diverged) starts over: its metrics would add to the new run's seconds and evals
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = cpu_launch_command(os.path.join(HERE, "train_inversion_dpo.py"))
     cmd[cmd.index("--cpu") + 1 : cmd.index("--cpu") + 1] = ["--num_cpu_threads_per_process", str(args.threads)]
     cmd += ["--pretrained_model_name_or_path", args.model, "--dataset_name", pairs, "--output_dir", run_dir,
