@@ -20,7 +20,6 @@ stock ``from_pretrained``. ``--save_every`` also writes intermediate pipelines (
 
 import argparse
 import copy
-import io
 import json
 import math
 import os
@@ -309,10 +308,11 @@ def save_pipeline(path, vae, text_encoders, unet, tokenizer, scheduler):
     make_pipeline(vae, text_encoders, unet, tokenizer, scheduler).save_pretrained(path, safe_serialization=True)
 
 
-def tune_encoder_cycle(pipe, images, args, log):
+def tune_encoder_cycle(pipe, images, render_latents, args, log):
     """Phase 3: fine-tunes ``pipe.vae``'s encoder (and ``quant_conv``) so that encoding a decoded latent, as an image
     the pair generator writes (JPEG), returns that latent, for the model's own samples and for renders' latents,
-    while renders keep the latents the UNet was trained on. The decoder is untouched, so sampling is unchanged.
+    while renders keep the latents the UNet was trained on (``render_latents``, unscaled). The decoder is untouched,
+    so sampling is unchanged.
 
     Why: the autoencoder is trained for reconstruction only, and its tiny encoder maps decoded images to latents
     about 10% away from the ones they were decoded from. Fine-tuning on images the model drew (every preference
@@ -320,7 +320,7 @@ def tune_encoder_cycle(pipe, images, args, log):
     accuracy 53.1% -> 31.8%, 51.0% after this phase (README, "The shapes world")."""
     from PIL import Image
 
-    from inversion_dpo import shapes_eval, shapes_pairs
+    from inversion_dpo import data, shapes_eval, shapes_pairs
 
     vae = pipe.vae
     g = torch.Generator().manual_seed(args.seed + 3)
@@ -337,30 +337,29 @@ def tune_encoder_cycle(pipe, images, args, log):
             ).images
             for k in range(0, len(picks), 128)
         ]
-        render_latents = encode_all(vae, images)
         targets = torch.cat([torch.cat(sampled) / vae.config.scaling_factor, render_latents[: len(picks)]])
         decoded = ((vae.decode(targets).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        # what the trainer will read: the JPEG the pair generator writes, back in [-1, 1]
-        jpegs = [
-            Image.open(io.BytesIO(shapes_pairs.jpeg_bytes(Image.fromarray(d.permute(1, 2, 0).numpy()))))
-            for d in decoded
-        ]
-        inputs = torch.stack([torch.from_numpy(np.asarray(j.convert("RGB"), dtype=np.float32)) for j in jpegs])
-        inputs = inputs.permute(0, 3, 1, 2) / 127.5 - 1
-
-    def relative_errors():
-        with torch.no_grad():
-            out = encode_all(vae, inputs)
-            n = len(picks)
-            err = [((out[a:b] - targets[a:b]).norm() / targets[a:b].norm()).item() for a, b in [(0, n), (n, None)]]
-            keep = encode_all(vae, images[:n])
-            return err + [((keep - render_latents[:n]).norm() / render_latents[:n].norm()).item()]
-
-    log(
-        "encoder cycle |E(D(z)) - z| / |z|: samples {:.3f}, renders {:.3f}; renders' latents moved {:.3f}".format(
-            *relative_errors()
+        # what the trainer will read: the JPEG the pair generator writes, decoded as the trainer decodes it
+        inputs = torch.stack(
+            [
+                data.to_tensor(data.decode_image(shapes_pairs.jpeg_bytes(Image.fromarray(d.permute(1, 2, 0).numpy()))))
+                for d in decoded
+            ]
         )
-    )
+
+    def log_errors():
+        n = len(picks)
+        with torch.no_grad():
+            out, keep = encode_all(vae, inputs), encode_all(vae, images[:n])
+        samples, renders = (
+            ((out[a:b] - targets[a:b]).norm() / targets[a:b].norm()).item() for a, b in [(0, n), (n, None)]
+        )
+        moved = ((keep - render_latents[:n]).norm() / render_latents[:n].norm()).item()
+        log(
+            f"encoder cycle |E(D(z)) - z| / |z|: samples {samples:.3f}, renders {renders:.3f}; renders' latents moved {moved:.3f}"
+        )
+
+    log_errors()
     params = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -380,11 +379,7 @@ def tune_encoder_cycle(pipe, images, args, log):
                 f"encoder cycle step {step}/{args.encoder_cycle_steps} cycle {cycle.item():.5f} keep {keep.item():.5f}"
             )
     vae.requires_grad_(False)
-    log(
-        "encoder cycle |E(D(z)) - z| / |z|: samples {:.3f}, renders {:.3f}; renders' latents moved {:.3f}".format(
-            *relative_errors()
-        )
-    )
+    log_errors()
 
 
 def main(argv=None):
@@ -562,7 +557,8 @@ def main(argv=None):
             log(f"saved {path}")
 
     if args.encoder_cycle_steps:
-        tune_encoder_cycle(make_pipeline(vae, ema_text, ema_unet, tokenizer, scheduler), images, args, log)
+        pipe = make_pipeline(vae, ema_text, ema_unet, tokenizer, scheduler)
+        tune_encoder_cycle(pipe, images, latents / scale, args, log)  # the cached latents: not encoded again
         log(f"vae reconstruction pass rate {vae_pass_rate(vae, scale, 200, args.seed + 7):.3f}")
     save_pipeline(args.output_dir, vae, ema_text, ema_unet, tokenizer, scheduler)
     info = {
