@@ -212,9 +212,12 @@ def n_params(m):
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def render_dataset(n, seed, single_fraction):
-    """``n`` renders of train prompts: (images [n, 3, 32, 32] in [-1, 1], captions)."""
+def render_dataset(n, seed, single_fraction, relation_noise=0.0):
+    """``n`` renders of train prompts: (images [n, 3, 32, 32] in [-1, 1], captions). With ``relation_noise`` > 0,
+    that share of the two-object captions names the opposite relation (web-like caption noise; the images are
+    unchanged, and the renders are the same as without it)."""
     rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng([seed, 1])
     singles, pairs = shapes.train_prompts(1), shapes.train_prompts(2)
     images, captions = np.empty((n, 3, 32, 32), np.float32), []
     for i in range(n):
@@ -223,6 +226,8 @@ def render_dataset(n, seed, single_fraction):
         assert not shapes.is_heldout(p)
         img = np.asarray(shapes.render(p, rng), dtype=np.float32)
         images[i] = img.transpose(2, 0, 1) / 127.5 - 1.0
+        if relation_noise > 0 and p.relation is not None and noise_rng.random() < relation_noise:
+            p = shapes.Prompt(p.objects, shapes.OPPOSITE[p.relation])
         captions.append(str(p))
     return torch.from_numpy(images), captions
 
@@ -406,6 +411,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--caption_dropout", type=float, default=0.1)
+    ap.add_argument(
+        "--relation_noise",
+        type=float,
+        default=0.0,
+        help="share of two-object captions that name the opposite relation (the image is unchanged): web-like "
+        "caption noise, which leaves the base drawing some scenes mirrored, a mistake alignment can find and fix",
+    )
     ap.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 64])
     ap.add_argument("--unet_layers", type=int, default=1)
     ap.add_argument("--full_res_attention", action="store_true", help="attention at the latent's full resolution too")
@@ -480,7 +492,7 @@ def main(argv=None):
         f"vocab {len(tokenizer)}"
     )
 
-    images, captions = render_dataset(args.num_images, args.seed, args.single_fraction)
+    images, captions = render_dataset(args.num_images, args.seed, args.single_fraction, args.relation_noise)
     log(f"rendered {len(images)} images of train prompts")
 
     # phase 1: autoencoder

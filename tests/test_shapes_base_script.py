@@ -154,3 +154,28 @@ def test_the_prompt_probe_shows_the_sdxl_twin_ignores_the_relation_direction():
     changes, text = probe(SDXL_MODEL)
     assert 0 < text["direction"] < text["colour"] / 5
     assert 0 < changes["direction"] < changes["colour"] / 10
+
+
+def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_renders_alone():
+    import importlib.util
+
+    from inversion_dpo import shapes
+
+    spec = importlib.util.spec_from_file_location("train_shapes_base", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    clean_images, clean = script.render_dataset(400, 3, 0.2)
+    noisy_images, noisy = script.render_dataset(400, 3, 0.2, relation_noise=0.4)
+    assert torch.equal(clean_images, noisy_images)
+    flipped = two = 0
+    for c, n in zip(clean, noisy):
+        pc, pn = shapes.parse_prompt(c), shapes.parse_prompt(n)
+        assert pc.objects == pn.objects
+        if pc.relation is None:
+            assert c == n
+            continue
+        two += 1
+        if pc.relation != pn.relation:
+            assert pn.relation == shapes.OPPOSITE[pc.relation]
+            flipped += 1
+    assert 0.3 < flipped / two < 0.5, (flipped, two)
