@@ -133,6 +133,7 @@ def cache_key(args, arch, pairs, cfg: ObjectiveConfig, conditioning_fingerprint:
             "steps": len(grid.timesteps),
             "guidance_scale": cfg.inversion_guidance_scale,
             "target": cfg.inversion_target,
+            "loss_space": "v" if cfg.v_space else "epsilon",
             "timesteps": grid.timesteps.tolist(),
             "alphas": tensors_fingerprint([grid.alphas]),
             "stored_steps": stored_step_indices(len(grid.timesteps), args.cache_steps),

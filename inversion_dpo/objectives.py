@@ -1,9 +1,12 @@
-"""The preference objectives, as functions of tensors and noise predictors.
+"""The preference objectives, as functions of tensors and denoisers.
 
 Each objective reads a batch of preference pairs and returns per-pair losses plus what it wants logged. It never
-sees ``args`` or the accelerator: the UNet reaches it as two noise predictors, ``policy(x, t, cond)`` (the UNet
+sees ``args`` or the accelerator: the UNet reaches it as two denoisers, ``policy(x, t, cond)`` (the UNet
 with the LoRA adapter on, with grad) and ``reference(x, t, cond)`` (the adapter off, under ``no_grad``), where
-``x`` stacks winners then losers and ``cond`` is a dict of per-row conditioning tensors (any nesting).
+``x`` stacks winners then losers and ``cond`` is a dict of per-row conditioning tensors (any nesting). A denoiser
+returns the UNet's own output, of ``ObjectiveConfig.prediction_type``: DDIM steps use the noise it implies, and
+errors are measured in ``ObjectiveConfig.loss_space`` (the model's own output by default: on v for a v-prediction
+model, as diffusers' training examples do; the formulas below write eps for whichever it is).
 
 All pair objectives share Diffusion-DPO's form (Wallace et al. 2023, arXiv 2311.12908, eq. 14)::
 
@@ -23,7 +26,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .ddim import DDIMGrid, ddim_inverse_step, ddim_invert, ddpm_posterior_std, implied_noise
+from .ddim import DDIMGrid, ddim_inverse_step, ddim_invert, ddpm_posterior_std, eps_from_prediction, implied_noise
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -32,6 +35,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 INVERSION_TARGETS = ("reference", "step", "x0")
 TIMESTEP_WEIGHTINGS = ("official", "uniform")
 INVERSION_MARGINS = ("trajectory", "step")
+LOSS_SPACES = ("prediction", "epsilon")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,10 +160,41 @@ class ObjectiveConfig:
     timestep_weighting: str = "official"
     inpo_grid: Optional[DDIMGrid] = None  # inpo: the coarse grid
     inpo_eta: float = 0.0
+    prediction_type: str = "epsilon"  # what the denoisers return: the UNet's own output
+    loss_space: str = "prediction"  # errors in that output's space, or "epsilon" (converted) whatever it is
 
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
+
+    @property
+    def v_space(self) -> bool:
+        """Errors are measured on v (a v-prediction model with ``loss_space="prediction"``), else on the noise."""
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"unknown loss_space {self.loss_space!r}; expected one of {LOSS_SPACES}")
+        return self.loss_space == "prediction" and self.prediction_type == "v_prediction"
+
+    def eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise prediction implied by a denoiser's output ``out`` at ``(x, t)`` (what DDIM steps with)."""
+        return eps_from_prediction(out.float(), x.float(), self.alphas_cumprod[t], self.prediction_type)
+
+    def pred(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A denoiser's output in the space where errors are measured."""
+        return out.float() if self.v_space else self.eps(out, x, t)
+
+    def target(self, noise: torch.Tensor, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of a row whose noisy latent is ``sqrt(a_t) z0 + sqrt(1 - a_t) noise``, in the
+        loss space: ``noise``, or ``v = sqrt(a_t) noise - sqrt(1 - a_t) z0``. On v, a zero-terminal-SNR model's
+        top level (``a_t = 0``, where its noise prediction is ``x_t`` whatever the weights) still has an error:
+        its estimate of ``z0``, which decides the layout."""
+        if not self.v_space:
+            return noise.float()
+        a = self.alphas_cumprod[t].reshape(-1, *([1] * (noise.ndim - 1)))
+        return a.sqrt() * noise.float() - (1 - a).sqrt() * z0.float()
+
+    def eps_fn(self, denoiser: "Denoiser") -> "Denoiser":
+        """``denoiser`` returning the noise prediction, for DDIM steps."""
+        return lambda x, t, cond: self.eps(denoiser(x, t, cond), x, t)
 
 
 @dataclass
@@ -196,10 +231,11 @@ def diffusion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cf
     t = torch.randint(0, cfg.num_train_timesteps, (B,), device=z0.device).repeat(2)
     noise = torch.randn_like(z0[:B]).repeat(2, *([1] * (z0.ndim - 1)))
     x_t = _add_noise(z0, noise, cfg.alphas_cumprod[t])
-    eps_pol = policy(x_t, t, cond)
+    eps_pol = cfg.pred(policy(x_t, t, cond), x_t, t)
     with torch.no_grad():
-        eps_ref = reference(x_t, t, cond)
-    margin = dpo_margin(eps_pol[:B], eps_ref[:B], noise[:B], eps_pol[B:], eps_ref[B:], noise[B:])
+        eps_ref = cfg.pred(reference(x_t, t, cond), x_t, t)
+    target = cfg.target(noise, z0, t)
+    margin = dpo_margin(eps_pol[:B], eps_ref[:B], target[:B], eps_pol[B:], eps_ref[B:], target[B:])
     return _pair_output(margin, cfg, timestep=t[:B].float().mean())
 
 
@@ -243,7 +279,7 @@ def invert_pairs(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig,
     with torch.no_grad():
         # walk only as far as needed: the grid up to the highest step asked for (a sub-grid keeps the same levels)
         top = N if steps.device.type == "meta" else int(steps.max()) + 1  # meta: benchmarks/memory_at_scale.py
-        invert_eps = guided(reference, cond, null_cond, cfg.inversion_guidance_scale)
+        invert_eps = guided(cfg.eps_fn(reference), cond, null_cond, cfg.inversion_guidance_scale)
         sub_grid = DDIMGrid(grid.timesteps[:top], grid.alphas[: top + 1])
         trajectory = ddim_invert(lambda x, t: invert_eps(x, t.expand(B2)), z0, sub_grid)
         latents = torch.stack(trajectory.latents)  # [top, 2B, C, H, W]
@@ -254,19 +290,29 @@ def invert_pairs(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig,
         # in chunks, as the policy side: one no-grad forward of all K steps would hold K steps' activations
         eps_ref = torch.cat(
             [
-                reference(x[c].flatten(0, 1), t[c].flatten(), tile_cond(cond, len(c)))
+                cfg.pred(
+                    reference(x[c].flatten(0, 1), t[c].flatten(), tile_cond(cond, len(c))),
+                    x[c].flatten(0, 1),
+                    t[c].flatten(),
+                )
                 for c in _chunks(list(range(len(steps))), cfg.inversion_chunk_steps or len(steps))
             ]
         ).view_as(x)
         if cfg.inversion_target == "reference":
             return InversionSteps(steps, x, None, None, eps_ref)
         if cfg.inversion_target == "step":
-            target = torch.stack(trajectory.noises)[steps, rows]
+            noise = torch.stack(trajectory.noises)[steps, rows].float()
+            # the clean latent of that step: the DDIM estimate from x_{i-1} (level a_{i-1} > 0) with e_i
+            a_prev = grid.alphas[steps].reshape(*steps.shape, *([1] * (z0.ndim - 1)))
+            x_prev = torch.cat([z0[None], latents[:-1]])[steps, rows].float()
+            clean = (x_prev - (1 - a_prev).sqrt() * noise) / a_prev.sqrt()
         elif cfg.inversion_target == "x0":
             a_i = grid.alphas[1:][steps]
-            target = implied_noise(x.flatten(0, 1), z0.repeat(len(steps), 1, 1, 1), a_i.flatten()).view_as(x)
+            noise = implied_noise(x.flatten(0, 1), z0.repeat(len(steps), 1, 1, 1), a_i.flatten()).view_as(x)
+            clean = z0[None].expand_as(x)
         else:
             raise ValueError(f"unknown inversion_target {cfg.inversion_target!r}; expected one of {INVERSION_TARGETS}")
+        target = cfg.target(noise.flatten(0, 1), clean.flatten(0, 1), t.flatten()).view_as(x)
         target = rounded(target)
         ref_error = mse(target.flatten(0, 1), eps_ref.flatten(0, 1)).view(steps.shape)
     return InversionSteps(steps, x, target, ref_error, None)
@@ -326,8 +372,8 @@ def inversion_policy(policy: Denoiser, ref: InversionSteps, cond, cfg: Objective
 
     def weighted_terms(chunk):  # [len(chunk), B]: w_i m_i of the held steps at positions `chunk`, one policy call
         x = ref.x[chunk]
-        eps_pol = policy(x.flatten(0, 1), grid.timesteps[ref.steps[chunk]].flatten(), tile_cond(cond, len(chunk)))
-        eps_pol = eps_pol.view_as(x)
+        t = grid.timesteps[ref.steps[chunk]].flatten()
+        eps_pol = cfg.pred(policy(x.flatten(0, 1), t, tile_cond(cond, len(chunk))), x.flatten(0, 1), t).view_as(x)
         if ref.eps_ref is not None:
             pw, pl, rw, rl = eps_pol[:, :B], eps_pol[:, B:], ref.eps_ref[chunk, :B], ref.eps_ref[chunk, B:]
             terms = reference_distance_margin(pw.flatten(0, 1), rw.flatten(0, 1), pl.flatten(0, 1), rl.flatten(0, 1))
@@ -380,7 +426,7 @@ def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Object
     a_t = a[t]
 
     def step(x, a_from, a_to, label):
-        x_next = ddim_inverse_step(x, policy(x, label, cond), a_from, a_to)
+        x_next = ddim_inverse_step(x, cfg.eps(policy(x, label, cond), x, label), a_from, a_to)
         if cfg.inpo_eta > 0:
             std = ddpm_posterior_std(a_from, a_to).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
             # one draw per pair, shared by winner and loser, as Diffusion-DPO shares its noise
@@ -398,9 +444,9 @@ def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Object
             x = torch.where(active.view(-1, *([1] * (x.ndim - 1))), x_next, x)
             a_cur = torch.where(active, grid.alphas[i + 1], a_cur)
         x_t = step(x, a_cur, a_t, t)
-        tau = implied_noise(x_t, z0, a_t)
-        eps_ref = reference(x_t, t, cond)
-    eps_pol = policy(x_t, t, cond)
+        tau = cfg.target(implied_noise(x_t, z0, a_t), z0, t)
+        eps_ref = cfg.pred(reference(x_t, t, cond), x_t, t)
+    eps_pol = cfg.pred(policy(x_t, t, cond), x_t, t)
     margin = dpo_margin(eps_pol[:B], eps_ref[:B], tau[:B], eps_pol[B:], eps_ref[B:], tau[B:])
     return _pair_output(margin, cfg, timestep=t[:B].float().mean())
 
@@ -411,8 +457,8 @@ def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Objecti
     z0_w, cond_w = z0[:B], take_cond(cond, slice(0, B))
     t = torch.randint(0, cfg.num_train_timesteps, (B,), device=z0.device)
     noise = torch.randn_like(z0_w)
-    eps_pol = policy(_add_noise(z0_w, noise, cfg.alphas_cumprod[t]), t, cond_w)
-    return ObjectiveOutput(mse(noise, eps_pol))
+    x_t = _add_noise(z0_w, noise, cfg.alphas_cumprod[t])
+    return ObjectiveOutput(mse(cfg.target(noise, z0_w, t), cfg.pred(policy(x_t, t, cond_w), x_t, t)))
 
 
 OBJECTIVES: Dict[str, Callable[..., ObjectiveOutput]] = {

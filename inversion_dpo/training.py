@@ -46,10 +46,11 @@ from .data import (
     raw_images,
     select_pairs,
 )
-from .ddim import PREDICTION_TYPES, ddim_grid, eps_from_prediction
+from .ddim import PREDICTION_TYPES, ddim_grid
 from .objectives import (
     INVERSION_MARGINS,
     INVERSION_TARGETS,
+    LOSS_SPACES,
     LOSS_TYPES,
     OBJECTIVES,
     TIMESTEP_WEIGHTINGS,
@@ -147,6 +148,14 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         choices=INVERSION_TARGETS,
         help="reference: the paper's figure (zero gradient at initialisation: a LoRA never moves); "
         "step and x0: this project's extensions (see the README).",
+    )
+    g.add_argument(
+        "--loss_space",
+        default="prediction",
+        choices=LOSS_SPACES,
+        help="Where errors are measured: prediction = the model's own output (v for a v-prediction model, as the "
+        "diffusers training examples compute their loss; the noise otherwise), epsilon = always the noise. On a "
+        "zero-terminal-SNR v model the noise is blind at the top level (eps = x_t there), where the layout is decided.",
     )
     g.add_argument(
         "--timestep_weighting",
@@ -799,6 +808,8 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         timestep_weighting=args.timestep_weighting,
         inpo_grid=grid(args.inpo_inversion_steps) if args.objective == "inpo" else None,
         inpo_eta=args.inpo_eta,
+        prediction_type=prediction_type_of(noise_scheduler),
+        loss_space=args.loss_space,
     )
 
 
@@ -821,37 +832,35 @@ class UNetCounter:
         return out
 
 
-def make_denoisers(accelerator, unet, weight_dtype, noise_scheduler, counter: Optional[UNetCounter] = None):
-    """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
-    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows.
-
-    Both return the noise prediction: a v-prediction model's output (``noise_scheduler.config.prediction_type``,
-    SD 2.x's 768-v models) is converted with ``ddim.eps_from_prediction``, so every objective is the same in eps."""
-    base = accelerator.unwrap_model(unet)
-    counter = counter or UNetCounter()
+def prediction_type_of(noise_scheduler) -> str:
     prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
-    alphas = noise_scheduler.alphas_cumprod.to(accelerator.device, torch.float32)
     if prediction_type not in PREDICTION_TYPES:
         raise SystemExit(
             f"error: the model's scheduler predicts {prediction_type!r}; only {PREDICTION_TYPES} can be trained"
         )
+    return prediction_type
 
-    def to_eps(out, x, t):
-        if prediction_type == "epsilon":
-            return out.float()
-        return eps_from_prediction(
-            out.float(), x.float(), alphas[torch.as_tensor(t, device=alphas.device)], prediction_type
-        )
+
+def make_denoisers(accelerator, unet, weight_dtype, noise_scheduler, counter: Optional[UNetCounter] = None):
+    """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
+    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows.
+
+    Both return the UNet's own output (float32): a noise prediction, or v for a v-prediction model
+    (``noise_scheduler.config.prediction_type``, SD 2.x's 768-v models); the objectives convert it where they need
+    the noise (``ObjectiveConfig.eps``) and measure errors in the space ``--loss_space`` says."""
+    base = accelerator.unwrap_model(unet)
+    counter = counter or UNetCounter()
+    prediction_type_of(noise_scheduler)  # fails early on a type no objective can read
 
     def policy(x, t, cond):
         counter.add(x)
-        return to_eps(unet(x.to(weight_dtype), t, **cond, return_dict=False)[0], x, t)
+        return unet(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
 
     def reference(x, t, cond):
         counter.add(x)
         base.disable_adapters()
         try:
-            return to_eps(base(x.to(weight_dtype), t, **cond, return_dict=False)[0], x, t)
+            return base(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
         finally:
             base.enable_adapters()
 

@@ -8,10 +8,12 @@ import torch
 
 from inversion_dpo.ddim import ddim_grid, ddim_move, ddim_step, ddpm_posterior_std
 from inversion_dpo.objectives import (
+    LOSS_SPACES,
     OBJECTIVES,
     ObjectiveConfig,
     dpo_margin,
     inversion_step_weights,
+    invert_pairs,
     mse,
     preference_loss,
     reference_distance_margin,
@@ -335,9 +337,10 @@ def test_per_step_margin_averages_to_the_trajectory_margin():
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_the_trainers_denoisers_return_eps_for_an_eps_or_a_v_model(tiny_sd_dir, prediction_type):
-    """Every objective is written in eps; a v-prediction model (SD 2.x 768-v) is converted per row's own label,
-    with the adapter on (policy) and off (reference)."""
+def test_the_trainers_denoisers_return_the_unets_output_and_the_config_reads_it(tiny_sd_dir, prediction_type):
+    """The denoisers return the UNet's own output, with the adapter on (policy) and off (reference); the objective
+    config turns it into the noise per row's own label (for DDIM) and measures errors on v for a v model (SD 2.x
+    768-v) unless told to use the noise."""
     from accelerate import Accelerator
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from peft import LoraConfig
@@ -355,11 +358,97 @@ def test_the_trainers_denoisers_return_eps_for_an_eps_or_a_v_model(tiny_sd_dir, 
         with_adapter = unet(x, t, **cond).sample
         policy, reference = make_denoisers(Accelerator(cpu=True), unet, torch.float32, scheduler)
         a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-        for denoiser, out in [(policy, with_adapter), (reference, plain)]:
-            expected = out if prediction_type == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x
-            torch.testing.assert_close(denoiser(x, t, cond), expected)
+        for space in LOSS_SPACES:
+            cfg = ObjectiveConfig(scheduler.alphas_cumprod, prediction_type=prediction_type, loss_space=space)
+            for denoiser, out in [(policy, with_adapter), (reference, plain)]:
+                got = denoiser(x, t, cond)
+                torch.testing.assert_close(got, out)
+                eps = out if prediction_type == "epsilon" else a.sqrt() * out + (1 - a).sqrt() * x
+                torch.testing.assert_close(cfg.eps(got, x, t), eps)
+                v_space = prediction_type == "v_prediction" and space == "prediction"
+                assert cfg.v_space == v_space
+                torch.testing.assert_close(cfg.pred(got, x, t), out if v_space else eps)
         assert (with_adapter - plain).abs().max() > 1e-4
     if prediction_type == "v_prediction":
         sample = DDIMScheduler.from_config(scheduler.config, prediction_type="sample")
         with pytest.raises(SystemExit, match="predicts 'sample'; only"):
             make_denoisers(Accelerator(cpu=True), unet, torch.float32, sample)
+
+
+def zero_snr_cfg(**kw):
+    """A v-prediction model on a zero-terminal-SNR schedule (as the shapes base): its top level has a = 0."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+        timestep_spacing="trailing", prediction_type="v_prediction",
+    )  # fmt: skip
+    grid = ddim_grid(DDIMScheduler.from_config(sched.config), 5)
+    assert grid.alphas[-1] == 0
+    base = {"alphas_cumprod": sched.alphas_cumprod.float(), "inversion_grid": grid, "prediction_type": "v_prediction"}
+    return ObjectiveConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("objective", ["diffusion_dpo", "sft"])
+def test_on_v_a_rows_error_is_its_noise_error_over_a_t(objective):
+    """Measured on v, a row's squared error is its noise error divided by a_t (same x_t, v = (eps - sqrt(1-a) x_t)
+    / sqrt(a)): the same margin or loss, reweighted toward high noise, where the layout is decided."""
+    model = LinearDenoiser()
+    with torch.no_grad():
+        model.D.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    z0, cond, null = pair_batch(B=1)
+    out = {}
+    for space in LOSS_SPACES:
+        torch.manual_seed(7)
+        cfg = zero_snr_cfg(loss_space=space)
+        res = OBJECTIVES[objective](model.policy, model.reference, z0, cond, null, cfg)
+        torch.manual_seed(7)
+        t = torch.randint(0, 1000, (1,))
+        out[space] = (res.margin if objective != "sft" else res.loss).detach(), cfg.alphas_cumprod[t]
+    (v_value, a_t), (eps_value, _) = out["prediction"], out["epsilon"]
+    assert 0 < a_t.item() < 1 and eps_value.abs().item() > 0
+    torch.testing.assert_close(v_value * a_t, eps_value, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("objective", ["diffusion_dpo", "sft"])
+def test_on_v_the_top_level_of_a_zero_snr_model_still_has_a_gradient(objective):
+    """At a = 0 a v model's noise prediction is x_t whatever its weights: measured on the noise, that level has no
+    error and no gradient; measured on v it is the model's estimate of z0 and trains."""
+    model = LinearDenoiser()
+    with torch.no_grad():
+        model.D.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    z0, cond, null = pair_batch()
+    top = torch.zeros(1)  # a one-level schedule: its only level is the top of a zero-SNR one
+    grads = {}
+    for space in LOSS_SPACES:
+        model.D.grad = None
+        cfg = ObjectiveConfig(top, prediction_type="v_prediction", loss_space=space)
+        res = OBJECTIVES[objective](model.policy, model.reference, z0, cond, null, cfg)
+        res.loss.mean().backward()
+        grads[space] = model.D.grad.abs().max().item()
+    assert grads["epsilon"] == 0.0
+    assert grads["prediction"] > 1e-4
+
+
+@pytest.mark.parametrize("target", ["step", "x0"])
+def test_on_v_the_inversion_targets_still_land_where_they_should(target):
+    """On v the inversion targets keep their meaning at every level, the top one (a = 0) included: read as a
+    prediction at (x_i, t_i), the step target denoises exactly to x_{i-1}, the x0 target to z0."""
+    model = LinearDenoiser()
+    z0, cond, null = pair_batch(B=2)
+    cfg = zero_snr_cfg(inversion_target=target)
+    ref = invert_pairs(model.reference, z0, cond, null, cfg)
+    grid = cfg.inversion_grid
+    N = len(grid.timesteps)
+    previous = torch.cat([z0[None], ref.x[:-1]])  # x_{i-1}, level i-1
+    for i in range(N):
+        a_i, a_prev = grid.alphas[i + 1], grid.alphas[i]
+        v, x = ref.target[i], ref.x[i]
+        clean = a_i.sqrt() * x - (1 - a_i).sqrt() * v  # the prediction's z0 and noise, exact also at a = 0
+        noise = a_i.sqrt() * v + (1 - a_i).sqrt() * x
+        landed = a_prev.sqrt() * clean + (1 - a_prev).sqrt() * noise
+        torch.testing.assert_close(landed if target == "step" else clean, previous[i] if target == "step" else z0,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    # policy == reference: every margin 0 on v too
+    out = OBJECTIVES["inversion_dpo"](model.policy, model.reference, z0, cond, null, cfg)
+    assert out.margin.abs().max().item() < 1e-6
