@@ -167,11 +167,13 @@ class ObjectiveConfig:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
+    def __post_init__(self):
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"unknown loss_space {self.loss_space!r}; expected one of {LOSS_SPACES}")
+
     @property
     def v_space(self) -> bool:
         """Errors are measured on v (a v-prediction model with ``loss_space="prediction"``), else on the noise."""
-        if self.loss_space not in LOSS_SPACES:
-            raise ValueError(f"unknown loss_space {self.loss_space!r}; expected one of {LOSS_SPACES}")
         return self.loss_space == "prediction" and self.prediction_type == "v_prediction"
 
     def eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -282,29 +284,26 @@ def invert_pairs(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig,
         invert_eps = guided(cfg.eps_fn(reference), cond, null_cond, cfg.inversion_guidance_scale)
         sub_grid = DDIMGrid(grid.timesteps[:top], grid.alphas[: top + 1])
         trajectory = ddim_invert(lambda x, t: invert_eps(x, t.expand(B2)), z0, sub_grid)
-        latents = torch.stack(trajectory.latents)  # [top, 2B, C, H, W]
-        if cfg.inversion_target == "reference":
-            latents = torch.cat([z0[None], latents[:-1]])  # x_{i-1}: the inversion's own inputs
-        x = rounded(latents[steps, rows])  # [K, 2B, C, H, W]
+        latents = torch.stack(trajectory.latents)  # [top, 2B, C, H, W]: x_i
+        if cfg.inversion_target in ("reference", "step"):
+            inputs = torch.cat([z0[None], latents[:-1]])  # x_{i-1}: the inversion's own inputs
+        x = rounded((inputs if cfg.inversion_target == "reference" else latents)[steps, rows])  # [K, 2B, C, H, W]
         t = grid.timesteps[steps]
+
         # in chunks, as the policy side: one no-grad forward of all K steps would hold K steps' activations
-        eps_ref = torch.cat(
-            [
-                cfg.pred(
-                    reference(x[c].flatten(0, 1), t[c].flatten(), tile_cond(cond, len(c))),
-                    x[c].flatten(0, 1),
-                    t[c].flatten(),
-                )
-                for c in _chunks(list(range(len(steps))), cfg.inversion_chunk_steps or len(steps))
-            ]
-        ).view_as(x)
+        def reference_rows(c):  # the steps at positions c, their rows flattened step-major as tile_cond repeats cond
+            x_c, t_c = x[c].flatten(0, 1), t[c].flatten()
+            return cfg.pred(reference(x_c, t_c, tile_cond(cond, len(c))), x_c, t_c)
+
+        chunks = _chunks(list(range(len(steps))), cfg.inversion_chunk_steps or len(steps))
+        eps_ref = torch.cat([reference_rows(c) for c in chunks]).view_as(x)
         if cfg.inversion_target == "reference":
             return InversionSteps(steps, x, None, None, eps_ref)
         if cfg.inversion_target == "step":
             noise = torch.stack(trajectory.noises)[steps, rows].float()
             # the clean latent of that step: the DDIM estimate from x_{i-1} (level a_{i-1} > 0) with e_i
             a_prev = grid.alphas[steps].reshape(*steps.shape, *([1] * (z0.ndim - 1)))
-            x_prev = torch.cat([z0[None], latents[:-1]])[steps, rows].float()
+            x_prev = inputs[steps, rows].float()
             clean = (x_prev - (1 - a_prev).sqrt() * noise) / a_prev.sqrt()
         elif cfg.inversion_target == "x0":
             a_i = grid.alphas[1:][steps]

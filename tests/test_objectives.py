@@ -452,3 +452,8 @@ def test_on_v_the_inversion_targets_still_land_where_they_should(target):
     # policy == reference: every margin 0 on v too
     out = OBJECTIVES["inversion_dpo"](model.policy, model.reference, z0, cond, null, cfg)
     assert out.margin.abs().max().item() < 1e-6
+
+
+def test_an_unknown_loss_space_is_refused_when_the_config_is_made():
+    with pytest.raises(ValueError, match="unknown loss_space 'v'; expected one of"):
+        make_cfg(loss_space="v")
