@@ -25,12 +25,16 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-# label -> flags of train_inversion_dpo.py; every objective and every inversion target
+# label -> flags of train_inversion_dpo.py; every objective and every inversion target. Inversion-DPO labels name
+# their step weighting (the paper's 1/(2 a_t) unless ":uniform"), so a label means the same whatever the defaults.
+INVERSION = ["--objective", "inversion_dpo", "--inversion_target"]
 RUNS = {
     "diffusion_dpo": ["--objective", "diffusion_dpo"],
-    "inversion_dpo:step": ["--objective", "inversion_dpo", "--inversion_target", "step"],
-    "inversion_dpo:x0": ["--objective", "inversion_dpo", "--inversion_target", "x0"],
-    "inversion_dpo:reference": ["--objective", "inversion_dpo", "--inversion_target", "reference"],
+    "inversion_dpo:step": [*INVERSION, "step", "--timestep_weighting", "official"],
+    "inversion_dpo:x0": [*INVERSION, "x0", "--timestep_weighting", "official"],
+    "inversion_dpo:step:uniform": [*INVERSION, "step", "--timestep_weighting", "uniform"],
+    "inversion_dpo:x0:uniform": [*INVERSION, "x0", "--timestep_weighting", "uniform"],
+    "inversion_dpo:reference": [*INVERSION, "reference", "--timestep_weighting", "official"],
     "inpo": ["--objective", "inpo"],
     "sft": ["--objective", "sft"],
 }

@@ -153,11 +153,11 @@ class ObjectiveConfig:
     loss_type: str = "sigmoid"
     inversion_grid: Optional[DDIMGrid] = None  # inversion_dpo: the N-step grid
     inversion_guidance_scale: float = 1.0
-    inversion_target: str = "step"
+    inversion_target: str = "x0"
     inversion_grad_steps: Optional[int] = None  # k of N steps back-propagated (unbiased); None = all (exact)
     inversion_chunk_steps: Optional[int] = None  # steps per policy call with grad; None or >= N: one graph
     inversion_margin: str = "trajectory"  # or "step": one sampled step per pair (this project's extension)
-    timestep_weighting: str = "official"
+    timestep_weighting: str = "uniform"
     inpo_grid: Optional[DDIMGrid] = None  # inpo: the coarse grid
     inpo_eta: float = 0.0
     prediction_type: str = "epsilon"  # what the denoisers return: the UNet's own output

@@ -144,10 +144,11 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     )
     g.add_argument(
         "--inversion_target",
-        default="step",
+        default="x0",
         choices=INVERSION_TARGETS,
-        help="reference: the paper's figure (zero gradient at initialisation: a LoRA never moves); "
-        "step and x0: this project's extensions (see the README).",
+        help="x0 (default) and step: this project's extensions, the noise landing one step on the image or on the "
+        "trajectory's next latent (see the README); reference: the paper's figure (zero gradient at initialisation: "
+        "a LoRA never moves).",
     )
     g.add_argument(
         "--loss_space",
@@ -159,9 +160,9 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
     )
     g.add_argument(
         "--timestep_weighting",
-        default="official",
+        default="uniform",
         choices=TIMESTEP_WEIGHTINGS,
-        help="Weight of inversion step i: official 1/(2 a_t) or uniform.",
+        help="Weight of inversion step i: uniform, or the official code's 1/(2 a_t).",
     )
     g.add_argument(
         "--inversion_grad_steps",
