@@ -7,8 +7,8 @@ combinations held out of training, with fixed seeds.
     python demo.py [--output_dir demo_output]
 
 Writes to the output folder: the adapter (`pytorch_lora_weights.safetensors`) and its card, the pairs, the
-results table (`results.md`, `results.json`), a before/after grid (`before_after.png`) and the training curve
-(`training_curve.png`).
+results table (`results.md`, `results.json`), a before/after grid (`before_after.png`), the training curve
+(`training_curve.png`) and the reference-side cache of the pairs (`inversion_cache/`).
 """
 
 import argparse
@@ -115,6 +115,9 @@ def main(args):
         out,
         "--seed",
         str(args.seed),
+        # the reference side (inversions, targets, reference errors) once per pair instead of once per visit
+        "--inversion_cache",
+        os.path.join(out, "inversion_cache"),
         *TRAIN_ARGS,
         *args.train_args.split(),
     ]

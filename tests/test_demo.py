@@ -53,6 +53,7 @@ def test_demo_story_end_to_end(tmp_path):
     held_out = results["table"]["held-out two-object"]
     assert held_out["base"]["n"] == 3 and 0.0 <= held_out["aligned"]["win_rate"]["win_rate"] <= 1.0
     assert "| held-out two-object | aligned |" in proc.stdout
+    assert list((out / "inversion_cache").glob("*/*")), "the demo trains from the reference-side cache"
 
 
 def test_demo_on_the_sdxl_twin_trains_with_the_sdxl_script(tmp_path):
