@@ -4,7 +4,13 @@ image grids and line plots (drawn with PIL: a plotting library is not worth a de
 import math
 from typing import Dict, List, Sequence, Tuple
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _font():
+    """PIL's bitmap font: fixed 6-pixel cells with real spaces (the default FreeType font at this size draws spaces
+    about a pixel wide, so labels read "left ofa blue square"); line wrapping below counts on the 6 pixels."""
+    return ImageFont.load_default_imagefont()
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> Tuple[float, float]:
@@ -69,6 +75,7 @@ def line_plot(
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
+    draw.font = _font()
 
     def xy(x, y):
         return (
@@ -105,10 +112,11 @@ def labelled_grid(rows: Dict[str, List[Image.Image]], column_labels: Sequence[st
     label_w, caption_h = 80, 40
     grid = Image.new("RGB", (label_w + cell_w * len(column_labels), caption_h + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
+    draw.font = _font()
     for c, text in enumerate(column_labels):
         words, lines, line = text.split(), [], ""
         for word in words:
-            if len(line) + len(word) + 1 > cell_w // 6:
+            if len(line) + len(word) + 1 > (cell_w - 2) // 6:  # the font's 6-pixel cells, after the 2-pixel margin
                 lines.append(line)
                 line = word
             else:

@@ -29,3 +29,15 @@ def test_pictures_are_written(tmp_path):
         ["a red circle", "a blue square left of a yellow triangle"],
     )
     assert grid.size == (80 + 2 * 96, 40 + 2 * 96)
+
+
+
+def _ink_span(label):
+    grid = labelled_grid({"base": [Image.new("RGB", (32, 32))]}, [label]).convert("L")
+    inked = [x for x in range(80, grid.width) if any(grid.getpixel((x, y)) < 128 for y in range(40))]
+    return inked[-1] - inked[0]
+
+
+def test_grid_labels_keep_the_spaces_between_words():
+    # the default FreeType font draws a space 2 pixels wide: "left of a" read "left ofa"
+    assert _ink_span("ll ll") - _ink_span("llll") >= 5
