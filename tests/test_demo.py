@@ -54,6 +54,11 @@ def test_demo_story_end_to_end(tmp_path):
     assert held_out["base"]["n"] == 3 and 0.0 <= held_out["aligned"]["win_rate"]["win_rate"] <= 1.0
     assert "| held-out two-object | aligned |" in proc.stdout
     assert list((out / "inversion_cache").glob("*/*")), "the demo trains from the reference-side cache"
+    # results.json records the training flags as run, so that the run can be repeated from it
+    flags = results["train_args"]
+    assert results["train_script"] == "train_inversion_dpo.py"
+    assert os.path.samefile(flags[flags.index("--inversion_cache") + 1], out / "inversion_cache")
+    assert flags[flags.index("--dataset_name") + 1].endswith("pairs.parquet")
 
 
 def test_demo_on_the_sdxl_twin_trains_with_the_sdxl_script(tmp_path):
