@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 def _font():
     """PIL's bitmap font: fixed 6-pixel cells with real spaces (the default FreeType font at this size draws spaces
-    about a pixel wide, so labels read "left ofa blue square"); line wrapping below counts on the 6 pixels."""
+    2 pixels wide, so labels read "left ofa blue square"); line wrapping below counts on the 6 pixels."""
     return ImageFont.load_default_imagefont()
 
 

@@ -31,7 +31,6 @@ def test_pictures_are_written(tmp_path):
     assert grid.size == (80 + 2 * 96, 40 + 2 * 96)
 
 
-
 def _ink_span(label):
     grid = labelled_grid({"base": [Image.new("RGB", (32, 32))]}, [label]).convert("L")
     inked = [x for x in range(80, grid.width) if any(grid.getpixel((x, y)) < 128 for y in range(40))]
