@@ -65,6 +65,14 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
+def running_mean(points, window):
+    """(step, value) points -> (step, mean of the values of the last ``window`` points up to it)."""
+    return [
+        (x, sum(v for _, v in points[max(0, i + 1 - window) : i + 1]) / min(window, i + 1))
+        for i, (x, _) in enumerate(points)
+    ]
+
+
 def summary(results, base_results=None):
     from inversion_dpo.report import mean_interval, wilson_interval, win_rate
 
@@ -182,10 +190,14 @@ def main(args):
     ).save(os.path.join(out, "before_after.png"))
     with open(os.path.join(out, "logs", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
+    window = max(1, len(rows) // 15)  # one step's batch is noisy: plot the mean of the last `window` steps
     line_plot(
-        {"loss": [(r["step"], r["loss"]) for r in rows], "accuracy": [(r["step"], r["accuracy"]) for r in rows]},
+        {
+            name: running_mean([(r["step"], r[key]) for r in rows], window)
+            for name, key in [("loss", "loss"), ("accuracy", "accuracy")]
+        },
         os.path.join(out, "training_curve.png"),
-        title="Inversion-DPO training (pair loss and accuracy)",
+        title=f"Inversion-DPO training (pair loss and accuracy, mean of {window} steps)",
         x_label="optimizer step",
     )
     print(

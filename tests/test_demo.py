@@ -70,3 +70,12 @@ def test_demo_on_the_sdxl_twin_trains_with_the_sdxl_script(tmp_path):
     pipe.load_lora_weights(str(out))  # the stock SDXL loader takes the demo's adapter
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
     assert json.loads((out / "results.json").read_text())["table"]["held-out two-object"]["aligned"]["n"] == 3
+
+
+def test_the_training_curve_plots_a_running_mean_of_the_per_step_values():
+    sys.path.insert(0, REPO)
+    import demo
+
+    steps = [(s, float(s % 2)) for s in range(1, 7)]  # a loss that jumps between 0 and 1 every step
+    assert demo.running_mean(steps, 1) == steps
+    assert demo.running_mean(steps, 2) == [(1, 1.0), (2, 0.5), (3, 0.5), (4, 0.5), (5, 0.5), (6, 0.5)]
