@@ -67,7 +67,8 @@ def forward_equivalents(record) -> float:
     return 3 * record.get("unet_grad_evals_per_pair", 0.0) + record.get("unet_evals_per_pair", 0.0)
 
 
-def train(args, label, seed, pairs, run_dir):
+def train(args, label, seed, pairs, run_dir, run_flags=None):
+    """One run of the real trainer; ``run_flags`` replaces the label's own flags (RUNS[label])."""
     from inversion_dpo.training import cpu_launch_command
 
     if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
@@ -78,7 +79,8 @@ def train(args, label, seed, pairs, run_dir):
     cmd[cmd.index("--cpu") + 1 : cmd.index("--cpu") + 1] = ["--num_cpu_threads_per_process", str(args.threads)]
     cmd += ["--pretrained_model_name_or_path", args.model, "--dataset_name", pairs, "--output_dir", run_dir,
             "--seed", str(seed), "--resolution", "32", "--max_train_steps", str(args.max_train_steps),
-            "--checkpointing_steps", str(args.eval_every), *args.train_args.split(), *RUNS[label]]  # fmt: skip
+            "--checkpointing_steps", str(args.eval_every), *args.train_args.split(),
+            *(RUNS[label] if run_flags is None else run_flags)]  # fmt: skip
     print(f"train {label} seed {seed}", flush=True)
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     with open(run_dir + ".log", "w") as log:

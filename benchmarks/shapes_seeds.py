@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""The demo's recipe over training seeds and evaluation seeds: how much of one run's gain is the run.
+
+    python benchmarks/shapes_seeds.py --output_dir bench_out/seeds --pairs demo_output/pairs.parquet
+
+Trains ``demo.py``'s Inversion-DPO LoRA (its ``TRAIN_ARGS``, plus ``--train_args``) with the real
+``train_inversion_dpo.py`` through ``accelerate launch`` once per training seed on the same pairs, then samples the
+base and every adapter, on the same noise, on the held-out two-object prompts at each evaluation seed set
+(``--eval_seeds``, ``--eval_images`` samples per prompt from each) and on all 432 train two-object prompts (one
+sample each, from ``--train_prompt_seed``), the prompts the pairs came from. Runs and evaluations already done are
+reused. Writes ``results.jsonl`` and ``table.md``.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=os.path.join(HERE, "models", "shapes-sd-tiny"))
+    p.add_argument("--output_dir", default="bench_out/seeds")
+    p.add_argument("--pairs", default=None, help="A pairs parquet; made as demo.py makes them when not given.")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
+    p.add_argument("--eval_seeds", type=int, nargs="+", default=[10_000, 20_000], help="First seed of each set.")
+    p.add_argument("--eval_images", type=int, default=2, help="Samples per held-out prompt in each seed set.")
+    p.add_argument("--train_prompt_seed", type=int, default=20_000, help="Seed of the all-train-prompt sample.")
+    p.add_argument("--no_train_prompts", action="store_true", help="Skip the 432 train prompts (half the time).")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Instead of the demo's 150.")
+    p.add_argument("--max_eval_prompts", type=int, default=None, help="Evaluate on the first N prompts of each set.")
+    p.add_argument("--train_args", default="", help="Extra flags for train_inversion_dpo.py, quoted.")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads of training and sampling.")
+    return p.parse_args(argv)
+
+
+def main(args):
+    import torch
+    from shapes_objectives import train
+
+    import demo
+    from inversion_dpo import shapes, shapes_eval, shapes_pairs
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pipe = shapes_eval.load_pipeline(args.model)
+    pairs = args.pairs or os.path.join(args.output_dir, "pairs.parquet")
+    if not os.path.exists(pairs):
+        defaults = demo.parse_args([])
+        counts = shapes_pairs.make_pairs(pipe, defaults.pair_prompts, defaults.images_per_prompt, pairs,
+                                         seed=defaults.seed, steps=defaults.pair_sampling_steps,
+                                         max_pairs_per_prompt=defaults.max_pairs_per_prompt)  # fmt: skip
+        print(counts, flush=True)
+
+    first = slice(args.max_eval_prompts)
+    groups = [
+        ("held-out", [str(p) for p in shapes.heldout_prompts()][first], args.eval_images, s) for s in args.eval_seeds
+    ]
+    if not args.no_train_prompts:
+        groups.append(("train", [str(p) for p in shapes.train_prompts(2)][first], 1, args.train_prompt_seed))
+    # a set's name says what it holds, so that results of other sizes are never reused for it
+    sets = {f"{group} {len(prompts)} x {n}, seeds {seed}-": (prompts, n, seed) for group, prompts, n, seed in groups}
+    results_path = os.path.join(args.output_dir, "results.jsonl")
+    done = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["run"], r["set"])] = r
+
+    def evaluate(run):
+        for name, (prompts, n, seed) in sets.items():
+            if (run, name) in done:
+                continue
+            _, results = shapes_eval.sample_and_score(pipe, prompts, n, seed=seed)
+            flat = [r for rs in results for r in rs]
+            done[(run, name)] = {"run": run, "set": name, "passed": [bool(r.passed) for r in flat],
+                                 "both": [all(r.object_present) for r in flat]}  # fmt: skip
+            with open(results_path, "a") as f:
+                f.write(json.dumps(done[(run, name)]) + "\n")
+            print(f"{run} on {name}: accuracy {np.mean(done[(run, name)]['passed']):.1%}", flush=True)
+
+    evaluate("base")
+    steps = [] if args.max_train_steps is None else ["--max_train_steps", str(args.max_train_steps)]
+    train_args = " ".join([*demo.TRAIN_ARGS, *steps, args.train_args])
+    for seed in args.seeds:
+        run_dir = os.path.join(args.output_dir, "runs", f"seed{seed}")
+        # the objectives benchmark's trainer, with the demo's flags; its own step budget and checkpoints give way to
+        # the demo's (TRAIN_ARGS names both, and the later flag wins)
+        flags = argparse.Namespace(model=args.model, threads=args.threads, max_train_steps=150, eval_every=1000,
+                                   train_args=train_args)  # fmt: skip
+        cache = [
+            "--inversion_cache",
+            os.path.join(args.output_dir, "inversion_cache"),
+        ]  # shared: same pairs, same base
+        train(flags, "demo", seed, pairs, run_dir, run_flags=cache)
+        shapes_eval.load_adapter(pipe, run_dir)
+        evaluate(f"seed {seed}")
+        pipe.unload_lora_weights()
+
+    header = " | ".join(sets)
+    lines = [f"Pairs `{pairs}`; demo.py's recipe{' + `' + args.train_args + '`' if args.train_args else ''}; "
+             f"full-prompt accuracy (both objects right).", "",
+             f"| model | {header} |", "|---|" + "---|" * len(sets)]  # fmt: skip
+    runs = ["base"] + [f"seed {s}" for s in args.seeds]
+    for run in runs:
+        cells = [f"{np.mean(done[(run, name)]['passed']):.1%} ({np.mean(done[(run, name)]['both']):.0%})"
+                 for name in sets]  # fmt: skip
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    gains = [np.mean([np.mean(done[(f"seed {s}", name)]["passed"]) for s in args.seeds])
+             - np.mean(done[("base", name)]["passed"]) for name in sets]  # fmt: skip
+    lines.append("| mean gain over training seeds | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main(parse_args())

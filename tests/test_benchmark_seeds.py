@@ -1,0 +1,48 @@
+"""benchmarks/shapes_seeds.py, shrunk: the demo's recipe over training seeds, base and adapters on the same noise,
+and an interrupted or repeated benchmark reuses what it has."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run(out, pairs):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
+         str(pairs), "--seeds", "0", "1", "--eval_seeds", "10000", "20000", "--eval_images", "1",
+         "--max_eval_prompts", "2", "--max_train_steps", "2", "--train_args", "--train_batch_size 2", "--threads", "1"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
+
+
+def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp_path):
+    from inversion_dpo import shapes_eval, shapes_pairs
+
+    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
+    pairs = tmp_path / "pairs.parquet"
+    assert shapes_pairs.make_pairs(pipe, 4, 3, str(pairs), seed=0, steps=4)["pairs"] > 0
+    out = tmp_path / "bench"
+    proc = run(out, pairs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (0, 1):
+        assert os.path.exists(out / "runs" / f"seed{seed}" / "pytorch_lora_weights.safetensors")
+    table = (out / "table.md").read_text()
+    header = table.splitlines()[2]
+    assert "held-out 2 x 1, seeds 10000-" in header and "held-out 2 x 1, seeds 20000-" in header
+    assert "train 2 x 1, seeds 20000-" in header
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"base", "seed 0", "seed 1", "mean gain over training seeds"} <= set(rows)
+    with open(out / "results.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 3 * 3  # base and two seeds, three sets each
+    assert all(len(r["passed"]) == 2 for r in records)
+
+    again = run(out, pairs)  # everything done is reused: no training, no sampling
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert ": accuracy" not in again.stdout and "train demo" not in again.stdout
+    with open(out / "results.jsonl") as f:
+        assert len(f.readlines()) == 9
+    assert (out / "table.md").read_text() == table
