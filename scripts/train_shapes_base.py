@@ -212,22 +212,36 @@ def n_params(m):
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def render_dataset(n, seed, single_fraction, relation_noise=0.0):
+def render_dataset(n, seed, single_fraction, relation_noise=0.0, object_dropout=0.0, color_swap=0.0):
     """``n`` renders of train prompts: (images [n, 3, 32, 32] in [-1, 1], captions). With ``relation_noise`` > 0,
     that share of the two-object captions names the opposite relation (web-like caption noise; the images are
-    unchanged, and the renders are the same as without it)."""
+    unchanged, and the renders are the same as without it). With ``object_dropout`` > 0, that share of the
+    two-object scenes is drawn without one of its two objects (chosen at random) while the caption still names both,
+    as alt-text names things an image does not show; the other object keeps its place, and every other render and
+    caption is the same as without it. With ``color_swap`` > 0, that share of the two-object captions whose objects
+    differ in colour gives each object the other's colour (attribute leakage; the images are unchanged)."""
     rng = np.random.default_rng(seed)
     noise_rng = np.random.default_rng([seed, 1])
+    drop_rng = np.random.default_rng([seed, 2])
+    swap_rng = np.random.default_rng([seed, 3])
     singles, pairs = shapes.train_prompts(1), shapes.train_prompts(2)
     images, captions = np.empty((n, 3, 32, 32), np.float32), []
     for i in range(n):
         pool = singles if rng.random() < single_fraction else pairs
         p = pool[rng.integers(len(pool))]
         assert not shapes.is_heldout(p)
-        img = np.asarray(shapes.render(p, rng), dtype=np.float32)
+        layout = shapes.sample_layout(p, rng)
+        if object_dropout > 0 and p.relation is not None and drop_rng.random() < object_dropout:
+            layout = [layout[int(drop_rng.integers(2))]]
+        img = np.asarray(shapes.draw(layout), dtype=np.float32)
         images[i] = img.transpose(2, 0, 1) / 127.5 - 1.0
         if relation_noise > 0 and p.relation is not None and noise_rng.random() < relation_noise:
             p = shapes.Prompt(p.objects, shapes.OPPOSITE[p.relation])
+        if color_swap > 0 and p.relation is not None and p.objects[0].color != p.objects[1].color:
+            if swap_rng.random() < color_swap:
+                a, b = p.objects
+                swapped = (shapes.SceneObject(b.color, a.shape), shapes.SceneObject(a.color, b.shape))
+                p = shapes.Prompt(swapped, p.relation)
         captions.append(str(p))
     return torch.from_numpy(images), captions
 
@@ -418,6 +432,20 @@ def main(argv=None):
         help="share of two-object captions that name the opposite relation (the image is unchanged): web-like "
         "caption noise, which leaves the base drawing some scenes mirrored, a mistake alignment can find and fix",
     )
+    ap.add_argument(
+        "--object_dropout",
+        type=float,
+        default=0.0,
+        help="share of two-object scenes drawn with one object left out while the caption names both: web-like "
+        "caption noise, which leaves the base sometimes neglecting an object it can draw (catastrophic neglect)",
+    )
+    ap.add_argument(
+        "--color_swap",
+        type=float,
+        default=0.0,
+        help="share of two-object captions (objects of different colours) that give each object the other's colour "
+        "(the image is unchanged): web-like caption noise, which leaves the base binding colours to the wrong object",
+    )
     ap.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 64])
     ap.add_argument("--unet_layers", type=int, default=1)
     ap.add_argument("--full_res_attention", action="store_true", help="attention at the latent's full resolution too")
@@ -492,7 +520,9 @@ def main(argv=None):
         f"vocab {len(tokenizer)}"
     )
 
-    images, captions = render_dataset(args.num_images, args.seed, args.single_fraction, args.relation_noise)
+    images, captions = render_dataset(
+        args.num_images, args.seed, args.single_fraction, args.relation_noise, args.object_dropout, args.color_swap
+    )
     log(f"rendered {len(images)} images of train prompts")
 
     # phase 1: autoencoder

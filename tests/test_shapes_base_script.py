@@ -157,14 +157,19 @@ def test_the_prompt_probe_shows_the_sdxl_twin_ignores_the_relation_direction():
     assert 0 < changes["direction"] < changes["colour"] / 10
 
 
-def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_renders_alone():
+def load_script():
     import importlib.util
-
-    from inversion_dpo import shapes
 
     spec = importlib.util.spec_from_file_location("train_shapes_base", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_renders_alone():
+    from inversion_dpo import shapes
+
+    script = load_script()
     clean_images, clean = script.render_dataset(400, 3, 0.2)
     noisy_images, noisy = script.render_dataset(400, 3, 0.2, relation_noise=0.4)
     assert torch.equal(clean_images, noisy_images)
@@ -180,3 +185,57 @@ def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_r
             assert pn.relation == shapes.OPPOSITE[pc.relation]
             flipped += 1
     assert 0.3 < flipped / two < 0.5, (flipped, two)
+
+
+def test_object_dropout_leaves_one_of_two_named_objects_out_of_that_share_of_renders():
+    """Catastrophic-neglect noise: the caption still names both objects, the render shows one of them (the scorer
+    says the other is missing and the one drawn is right), and every other render and caption is unchanged."""
+    from PIL import Image
+
+    from inversion_dpo import shapes
+
+    script = load_script()
+    clean_images, clean = script.render_dataset(400, 3, 0.2)
+    dropped_images, captions = script.render_dataset(400, 3, 0.2, object_dropout=0.4)
+    assert captions == clean
+    dropped = two = 0
+    for c, x, y in zip(clean, clean_images, dropped_images):
+        if shapes.parse_prompt(c).relation is None:
+            assert torch.equal(x, y)
+            continue
+        two += 1
+        if torch.equal(x, y):
+            continue
+        dropped += 1
+        img = Image.fromarray(((y.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+        result = shapes.score(img, c)
+        assert sorted(result.object_present) == [False, True], (c, result)
+    assert 0.3 < dropped / two < 0.5, (dropped, two)
+
+
+def test_color_swap_trades_the_colours_of_that_share_of_two_object_captions_and_never_names_a_heldout_prompt():
+    from inversion_dpo import shapes
+
+    script = load_script()
+    clean_images, clean = script.render_dataset(400, 3, 0.2)
+    swapped_images, captions = script.render_dataset(400, 3, 0.2, color_swap=0.4)
+    assert torch.equal(clean_images, swapped_images)
+    swapped = candidates = 0
+    for c, s in zip(clean, captions):
+        pc, ps = shapes.parse_prompt(c), shapes.parse_prompt(s)
+        assert not shapes.is_heldout(ps), s
+        if pc.relation is None or pc.objects[0].color == pc.objects[1].color:
+            assert c == s
+            continue
+        candidates += 1
+        if c != s:
+            swapped += 1
+            (a, b), (x, y) = pc.objects, ps.objects
+            assert (x.color, x.shape, y.color, y.shape, ps.relation) == (
+                b.color,
+                a.shape,
+                a.color,
+                b.shape,
+                pc.relation,
+            )
+    assert 0.3 < swapped / candidates < 0.5, (swapped, candidates)
