@@ -87,6 +87,17 @@ def train(args, label, seed, pairs, run_dir, run_flags=None):
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=HERE))
 
 
+def load_results(path, key_fields):
+    """The records of a results.jsonl written so far (none if it is not there), by the tuple of their key fields."""
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[tuple(r[k] for k in key_fields)] = r
+    return done
+
+
 def compute_by_step(run_dir):
     """step -> (cumulative seconds, cumulative UNet forward-equivalents per pair) from the run's metrics."""
     out, seconds, evals = {}, 0.0, 0.0
@@ -119,12 +130,7 @@ def main(args):
 
     prompts = [str(p) for p in shapes.heldout_prompts()][: args.eval_prompts]
     results_path = os.path.join(args.output_dir, "results.jsonl")
-    done = {}
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            for line in f:
-                r = json.loads(line)
-                done[(r["run"], r["seed"], r["step"])] = r
+    done = load_results(results_path, ("run", "seed", "step"))
 
     def evaluate(key):
         if key not in done:

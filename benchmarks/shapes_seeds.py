@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def main(args):
     import torch
-    from shapes_objectives import train
+    from shapes_objectives import load_results, train
 
     import demo
     from inversion_dpo import shapes, shapes_eval, shapes_pairs
@@ -68,12 +68,7 @@ def main(args):
     # a set's name says what it holds, so that results of other sizes are never reused for it
     sets = {f"{group} {len(prompts)} x {n}, seeds {seed}-": (prompts, n, seed) for group, prompts, n, seed in groups}
     results_path = os.path.join(args.output_dir, "results.jsonl")
-    done = {}
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            for line in f:
-                r = json.loads(line)
-                done[(r["run"], r["set"])] = r
+    done = load_results(results_path, ("run", "set"))
 
     def evaluate(run):
         for name, (prompts, n, seed) in sets.items():

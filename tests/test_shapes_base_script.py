@@ -166,19 +166,25 @@ def load_script():
     return script
 
 
-def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_renders_alone():
+def parsed_caption_pairs(**noise):
+    """(clean, noisy) parsed captions of the same 400 renders, which the caption noise must leave alone."""
     from inversion_dpo import shapes
 
     script = load_script()
     clean_images, clean = script.render_dataset(400, 3, 0.2)
-    noisy_images, noisy = script.render_dataset(400, 3, 0.2, relation_noise=0.4)
+    noisy_images, noisy = script.render_dataset(400, 3, 0.2, **noise)
     assert torch.equal(clean_images, noisy_images)
+    return [(shapes.parse_prompt(c), shapes.parse_prompt(n)) for c, n in zip(clean, noisy)]
+
+
+def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_renders_alone():
+    from inversion_dpo import shapes
+
     flipped = two = 0
-    for c, n in zip(clean, noisy):
-        pc, pn = shapes.parse_prompt(c), shapes.parse_prompt(n)
+    for pc, pn in parsed_caption_pairs(relation_noise=0.4):
         assert pc.objects == pn.objects
         if pc.relation is None:
-            assert c == n
+            assert pc == pn
             continue
         two += 1
         if pc.relation != pn.relation:
@@ -216,19 +222,14 @@ def test_object_dropout_leaves_one_of_two_named_objects_out_of_that_share_of_ren
 def test_color_swap_trades_the_colours_of_that_share_of_two_object_captions_and_never_names_a_heldout_prompt():
     from inversion_dpo import shapes
 
-    script = load_script()
-    clean_images, clean = script.render_dataset(400, 3, 0.2)
-    swapped_images, captions = script.render_dataset(400, 3, 0.2, color_swap=0.4)
-    assert torch.equal(clean_images, swapped_images)
     swapped = candidates = 0
-    for c, s in zip(clean, captions):
-        pc, ps = shapes.parse_prompt(c), shapes.parse_prompt(s)
-        assert not shapes.is_heldout(ps), s
+    for pc, ps in parsed_caption_pairs(color_swap=0.4):
+        assert not shapes.is_heldout(ps), ps
         if pc.relation is None or pc.objects[0].color == pc.objects[1].color:
-            assert c == s
+            assert pc == ps
             continue
         candidates += 1
-        if c != s:
+        if pc != ps:
             swapped += 1
             (a, b), (x, y) = pc.objects, ps.objects
             assert (x.color, x.shape, y.color, y.shape, ps.relation) == (
