@@ -102,7 +102,7 @@ def main(args):
 
     header = " | ".join(sets)
     lines = [f"Pairs `{pairs}`; demo.py's recipe{' + `' + args.train_args + '`' if args.train_args else ''}; "
-             f"full-prompt accuracy (both objects right).", "",
+             f"full-prompt accuracy (in parentheses: the share of samples with both objects right).", "",
              f"| model | {header} |", "|---|" + "---|" * len(sets)]  # fmt: skip
     runs = ["base"] + [f"seed {s}" for s in args.seeds]
     for run in runs:
