@@ -65,6 +65,22 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
+def make_demo_pairs(pipe, args, path):
+    """The demo's preference pairs (``--pair_prompts`` train prompts x ``--images_per_prompt`` samples of ``pipe``)
+    written to ``path``; returns the pair generator's counts."""
+    from inversion_dpo import shapes_pairs
+
+    return shapes_pairs.make_pairs(
+        pipe,
+        args.pair_prompts,
+        args.images_per_prompt,
+        path,
+        seed=args.seed,
+        steps=args.pair_sampling_steps,
+        max_pairs_per_prompt=args.max_pairs_per_prompt,
+    )
+
+
 def running_mean(points, window):
     """(step, value) points -> (step, mean of the values of the last ``window`` points up to it)."""
     return [
@@ -96,7 +112,7 @@ def summary(results, base_results=None):
 def main(args):
     import torch
 
-    from inversion_dpo import shapes, shapes_eval, shapes_pairs
+    from inversion_dpo import shapes, shapes_eval
     from inversion_dpo.report import labelled_grid, line_plot
     from inversion_dpo.training import cpu_launch_command
 
@@ -110,15 +126,7 @@ def main(args):
     # 1. Preference pairs from the base model's own samples, scored by the program, on train prompts only
     base = shapes_eval.load_pipeline(args.model)
     pairs_path = os.path.join(out, "pairs.parquet")
-    counts = shapes_pairs.make_pairs(
-        base,
-        args.pair_prompts,
-        args.images_per_prompt,
-        pairs_path,
-        seed=args.seed,
-        steps=args.pair_sampling_steps,
-        max_pairs_per_prompt=args.max_pairs_per_prompt,
-    )
+    counts = make_demo_pairs(base, args, pairs_path)
     print(f"[{time.time() - start:4.0f}s] pairs: {counts}")
     if counts["pairs"] == 0:
         raise SystemExit(

@@ -46,18 +46,14 @@ def main(args):
     from shapes_objectives import load_results, train
 
     import demo
-    from inversion_dpo import shapes, shapes_eval, shapes_pairs
+    from inversion_dpo import shapes, shapes_eval
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     pipe = shapes_eval.load_pipeline(args.model)
     pairs = args.pairs or os.path.join(args.output_dir, "pairs.parquet")
     if not os.path.exists(pairs):
-        defaults = demo.parse_args([])
-        counts = shapes_pairs.make_pairs(pipe, defaults.pair_prompts, defaults.images_per_prompt, pairs,
-                                         seed=defaults.seed, steps=defaults.pair_sampling_steps,
-                                         max_pairs_per_prompt=defaults.max_pairs_per_prompt)  # fmt: skip
-        print(counts, flush=True)
+        print(demo.make_demo_pairs(pipe, demo.parse_args([]), pairs), flush=True)
 
     first = slice(args.max_eval_prompts)
     groups = [
@@ -91,10 +87,8 @@ def main(args):
         # the demo's (TRAIN_ARGS names both, and the later flag wins)
         flags = argparse.Namespace(model=args.model, threads=args.threads, max_train_steps=150, eval_every=1000,
                                    train_args=train_args)  # fmt: skip
-        cache = [
-            "--inversion_cache",
-            os.path.join(args.output_dir, "inversion_cache"),
-        ]  # shared: same pairs, same base
+        # one reference-side cache for every seed: the same pairs and the same base
+        cache = ["--inversion_cache", os.path.join(args.output_dir, "inversion_cache")]
         train(flags, "demo", seed, pairs, run_dir, run_flags=cache)
         shapes_eval.load_adapter(pipe, run_dir)
         evaluate(f"seed {seed}")
