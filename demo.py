@@ -90,6 +90,7 @@ def running_mean(points, window):
 
 
 def summary(results, base_results=None):
+    from inversion_dpo import shapes_eval
     from inversion_dpo.report import mean_interval, wilson_interval, win_rate
 
     flat = [r for rs in results for r in rs]
@@ -106,7 +107,15 @@ def summary(results, base_results=None):
     if base_results is not None:
         base_flat = [r for rs in base_results for r in rs]
         row["win_rate"] = win_rate([r.score for r in flat], [r.score for r in base_flat])
+        row["transitions"] = shapes_eval.transitions(base_results, results)
     return row
+
+
+def transitions_line(group: str, table) -> str:
+    """What changed per sample on the same noise: fixed and broken, by the kind of failure."""
+    moves = [f"{a} -> {b} {table[a][b]}" for a, b in [("relation", "pass"), ("objects", "pass"), ("pass", "relation"),
+                                                    ("pass", "objects"), ("relation", "objects")]]  # fmt: skip
+    return f"{group}, per sample (base -> aligned, the same noise): " + ", ".join(moves)
 
 
 def main(args):
@@ -183,7 +192,8 @@ def main(args):
                 f"{r['mean_score_ci'][1]:.3f}] | {r['accuracy']:.1%} [{r['accuracy_ci'][0]:.1%}, "
                 f"{r['accuracy_ci'][1]:.1%}] | {win_text} |"
             )
-    text = "\n".join(lines)
+    changes = [transitions_line(g, rows["aligned"]["transitions"]) for g, rows in table.items() if "two-object" in g]
+    text = "\n".join(lines + [""] + changes)
     print("\n" + text + "\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -93,6 +93,28 @@ def sample_and_score(pipe, prompts: Sequence[str], num_images: int, seed: int, *
     return images, results
 
 
+OUTCOMES = ("pass", "relation", "objects")
+
+
+def outcome(result: "shapes.ScoreResult") -> str:
+    """``pass``; ``relation`` (every object right, nothing extra, only the relation wrong); or ``objects`` (an object
+    missing or wrong, or an extra one)."""
+    if result.passed:
+        return "pass"
+    return "relation" if all(result.object_present) and result.no_extra else "objects"
+
+
+def transitions(base_results, new_results) -> Dict[str, Dict[str, int]]:
+    """How each sample's outcome changed between two models sampled on the same noise (lists per prompt, as
+    ``sample_and_score`` returns): ``{base outcome: {new outcome: count}}``. A preference adapter that moves only
+    details keeps almost every sample where it was; one that changes composition moves ``relation`` to ``pass``."""
+    table = {a: dict.fromkeys(OUTCOMES, 0) for a in OUTCOMES}
+    for base, new in zip(base_results, new_results, strict=True):
+        for a, b in zip(base, new, strict=True):
+            table[outcome(a)][outcome(b)] += 1
+    return table
+
+
 @dataclass
 class GroupResult:
     name: str

@@ -53,6 +53,10 @@ def test_demo_story_end_to_end(tmp_path):
     held_out = results["table"]["held-out two-object"]
     assert held_out["base"]["n"] == 3 and 0.0 <= held_out["aligned"]["win_rate"]["win_rate"] <= 1.0
     assert "| held-out two-object | aligned |" in proc.stdout
+    # every held-out sample is counted once in what changed between base and aligned on the same noise
+    changes = held_out["aligned"]["transitions"]
+    assert sum(n for row in changes.values() for n in row.values()) == 3
+    assert "held-out two-object, per sample (base -> aligned, the same noise): relation -> pass" in proc.stdout
     assert list((out / "inversion_cache").glob("*/*")), "the demo trains from the reference-side cache"
     # results.json records the training flags as run, so that the run can be repeated from it
     flags = results["train_args"]

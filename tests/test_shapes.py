@@ -220,3 +220,25 @@ def test_scorer_ignores_noise_and_foreign_colours():
     assert S.score(arr, p).passed
     dets = S.detect(arr)
     assert len(dets) == 1 and (dets[0].color, dets[0].shape) == ("red", "circle")
+
+
+def test_transitions_count_each_samples_change_by_kind_of_failure():
+    from inversion_dpo.shapes_eval import outcome, transitions
+
+    rng = np.random.default_rng(0)
+    p = S.parse_prompt("a red circle left of a blue square")
+    right, mirrored, missing, extra = (
+        S.score(S.render(p, rng), p),
+        S.score(S.render_wrong(p, rng, kind="relation"), p),
+        S.score(S.render_wrong(p, rng, kind="missing"), p),
+        S.score(S.render_wrong(p, rng, kind="extra"), p),
+    )
+    assert [outcome(r) for r in (right, mirrored, missing, extra)] == ["pass", "relation", "objects", "objects"]
+    # two prompts' samples on the same noise, before and after: one order fixed, one object lost, one unchanged
+    before = [[mirrored, right], [missing]]
+    after = [[right, missing], [missing]]
+    table = transitions(before, after)
+    assert table["relation"]["pass"] == 1 and table["pass"]["objects"] == 1 and table["objects"]["objects"] == 1
+    assert sum(n for row in table.values() for n in row.values()) == 3
+    with pytest.raises(ValueError):  # the two models must have been sampled alike
+        transitions(before, [[right], [missing]])
