@@ -64,11 +64,13 @@ def main(args):
     # 3. Conditioning: winner and loser share their caption; SD's null conditioning is the embedding of ""
     null_embedding = encode_prompts(tokenizer, text_encoder, [""])
 
+    def null_conditioning(cond):
+        return {"encoder_hidden_states": null_embedding.expand_as(cond["encoder_hidden_states"])}
+
     def encode_conditioning(batch, device):
         embeddings = encode_prompts(tokenizer, text_encoder, batch["captions"])
-        embeddings = torch.cat([embeddings, embeddings])  # [2B, L, D]: winners, then losers
-        null = null_embedding.expand_as(embeddings)
-        return {"encoder_hidden_states": embeddings}, {"encoder_hidden_states": null}
+        cond = {"encoder_hidden_states": torch.cat([embeddings, embeddings])}  # [2B, L, D]: winners, then losers
+        return cond, null_conditioning(cond)
 
     def make_pipeline(trained_unet):
         return StableDiffusionPipeline(
@@ -92,6 +94,7 @@ def main(args):
         encode_conditioning,
         make_pipeline,
         text_encoders=(text_encoder,),
+        null_conditioning=null_conditioning,
     )
     return train(args, accelerator, arch, data)
 

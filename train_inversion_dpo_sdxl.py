@@ -72,11 +72,16 @@ def sdxl_conditioning(tokenizers, text_encoders, batch, resolution, device):
     embeddings, pooled = torch.cat([embeddings, embeddings]), torch.cat([pooled, pooled])  # [2B, L, D], [2B, P]
     ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution).to(device, pooled.dtype)
     cond = {"encoder_hidden_states": embeddings, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-    null = {
-        "encoder_hidden_states": torch.zeros_like(embeddings),
-        "added_cond_kwargs": {"text_embeds": torch.zeros_like(pooled), "time_ids": ids},
+    return cond, sdxl_null_conditioning(cond)
+
+
+def sdxl_null_conditioning(cond):
+    """The null conditioning of ``cond``: text and pooled embeddings all zeros, the images' own time ids."""
+    added = cond["added_cond_kwargs"]
+    return {
+        "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+        "added_cond_kwargs": {"text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]},
     }
-    return cond, null
 
 
 def main(args):
@@ -137,6 +142,7 @@ def main(args):
         encode_conditioning,
         make_pipeline,
         text_encoders=tuple(text_encoders),
+        null_conditioning=sdxl_null_conditioning,
     )
     return train(args, accelerator, arch, data)
 

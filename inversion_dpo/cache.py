@@ -44,7 +44,7 @@ from .objectives import InversionSteps, ObjectiveConfig, invert_pairs
 
 logger = logging.getLogger("inversion_dpo")
 
-CACHE_FORMAT = 2  # 2: one tensor per pair in a shard
+CACHE_FORMAT = 3  # 2: one tensor per pair in a shard; 3: with each image's clean latent z0
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 KEY_FILE = "cache.json"
 
@@ -219,7 +219,7 @@ class InversionCache:
             per_step = math.prod(latent_shape) * (size + 4)
         else:  # x and target, and ref_error one float32
             per_step = math.prod(latent_shape) * 2 * size + 4
-        return len(self.flips) * 2 * (len(self.steps) * per_step + 4 * cond_numel)
+        return len(self.flips) * 2 * (len(self.steps) * per_step + math.prod(latent_shape) * size + 4 * cond_numel)
 
 
 def _size(num_bytes: int) -> str:
@@ -301,6 +301,7 @@ def build_shard(cache: InversionCache, shard: int, pairs, encode, reference, cfg
                 inv = invert_pairs(reference, z0, cond, null_cond, cfg, steps, round_to=cache.dtype)
             part = {
                 "x": _pair_major(inv.x, B).to(cache.dtype),
+                "z0": z0.reshape(2, B, *z0.shape[1:]).transpose(0, 1).to(cache.dtype),  # for --sft_weight
                 **{f: _pair_major(getattr(inv, f), B).float() for f in ("ref_error", "eps_ref") if getattr(inv, f) is not None},
                 **{k: v.reshape(2, B, *v.shape[1:]).transpose(0, 1).float() for k, v in flatten_cond(cond).items()},
             }  # fmt: skip
@@ -401,7 +402,7 @@ def collate_cached(items) -> dict:
 
 
 def cached_inversion_steps(batch: dict, stored_steps: List[int]):
-    """A collated batch as ``(InversionSteps, cond)``: rows winners then losers, as an uncached batch."""
+    """A collated batch as ``(InversionSteps, cond, z0)``: rows winners then losers, as an uncached batch."""
 
     def rows(v):  # [B, 2, ...] -> [2B, ...]
         return torch.cat([v[:, 0], v[:, 1]])
@@ -413,4 +414,4 @@ def cached_inversion_steps(batch: dict, stored_steps: List[int]):
     steps = torch.tensor(stored_steps, device=x.device)[:, None].expand(-1, x.shape[1])
     fields = {f: steps_first(batch[f]) if f in batch else None for f in ("target", "ref_error", "eps_ref")}
     cond = unflatten_cond({k: rows(v) for k, v in batch["cond"].items()})
-    return InversionSteps(steps, x, **fields), cond
+    return InversionSteps(steps, x, **fields), cond, rows(batch["z0"]).float()

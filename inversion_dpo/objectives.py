@@ -122,6 +122,13 @@ def take_cond(cond, rows: slice):
     return map_cond(cond, lambda v: v[rows])
 
 
+def map_cond_pair(a, b, fn):
+    """``fn(a_leaf, b_leaf)`` over two conditionings of the same structure (tensor leaves; others from ``a``)."""
+    if isinstance(a, dict):
+        return {k: map_cond_pair(a[k], b[k], fn) for k in a}
+    return fn(a, b) if isinstance(a, torch.Tensor) else a
+
+
 def guided(denoiser: Denoiser, cond, null_cond, guidance_scale: float) -> Callable:
     """``eps(x, t)`` with classifier-free guidance: ``eps(null) + g (eps(c) - eps(null))``; g = 1 is one call."""
     if guidance_scale == 1.0:
@@ -137,9 +144,7 @@ def guided(denoiser: Denoiser, cond, null_cond, guidance_scale: float) -> Callab
 
 
 def _cat_cond(a, b):
-    if isinstance(a, dict):
-        return {k: _cat_cond(a[k], b[k]) for k in a}
-    return torch.cat([a, b]) if isinstance(a, torch.Tensor) else a
+    return map_cond_pair(a, b, lambda x, y: torch.cat([x, y]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,6 +167,9 @@ class ObjectiveConfig:
     inpo_eta: float = 0.0
     prediction_type: str = "epsilon"  # what the denoisers return: the UNet's own output
     loss_space: str = "prediction"  # errors in that output's space, or "epsilon" (converted) whatever it is
+    sft_weight: float = 0.0  # pair objectives: + sft_weight x the sft loss on the winners (``with_winner_sft``)
+    sft_min_timestep: int = 0  # the sft loss draws t from [sft_min_timestep, T)
+    sft_caption_dropout: float = 0.0  # share of the sft loss's rows conditioned on the null caption instead
 
     @property
     def num_train_timesteps(self) -> int:
@@ -450,14 +458,46 @@ def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Object
     return _pair_output(margin, cfg, timestep=t[:B].float().mean())
 
 
-def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
-    """Supervised fine-tuning on the winners only: ``||n - eps_pol(x_t^w, t)||^2`` (the usual diffusion loss)."""
+def winner_sft_loss(policy: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig) -> torch.Tensor:
+    """[B]: the usual diffusion loss ``||n - eps_pol(x_t^w, t)||^2`` of the winners (rows ``:B`` of the stacked
+    batch), with fresh noise and ``t ~ U{sft_min_timestep .. T-1}``; a ``sft_caption_dropout`` share of the rows is
+    conditioned on the null caption instead, as text-to-image fine-tuning drops captions to keep the unconditional
+    branch that classifier-free guidance subtracts in step with the conditional one."""
     B = z0.shape[0] // 2
     z0_w, cond_w = z0[:B], take_cond(cond, slice(0, B))
-    t = torch.randint(0, cfg.num_train_timesteps, (B,), device=z0.device)
-    noise = torch.randn_like(z0_w)
+    if cfg.sft_caption_dropout > 0:
+        drop = torch.rand(B, device=z0.device) < cfg.sft_caption_dropout
+        null_w = take_cond(null_cond, slice(0, B))
+        cond_w = map_cond_pair(cond_w, null_w, lambda c, n: torch.where(drop.view(-1, *([1] * (c.ndim - 1))), n, c))
+    t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (B,), device=z0.device)
+    noise = torch.randn(z0_w.shape, device=z0.device)  # not randn_like: the draw must not follow z0's memory layout
     x_t = _add_noise(z0_w, noise, cfg.alphas_cumprod[t])
-    return ObjectiveOutput(mse(cfg.target(noise, z0_w, t), cfg.pred(policy(x_t, t, cond_w), x_t, t)))
+    return mse(cfg.target(noise, z0_w, t), cfg.pred(policy(x_t, t, cond_w), x_t, t))
+
+
+def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """Supervised fine-tuning on the winners only (``winner_sft_loss``)."""
+    return ObjectiveOutput(winner_sft_loss(policy, z0, cond, null_cond, cfg))
+
+
+def with_winner_sft(objective: Callable[[], ObjectiveOutput], policy: Denoiser, z0, cond, null_cond, cfg):
+    """A pair objective's output plus ``sft_weight`` times the winners' sft loss (``winner_sft_loss``): a supervised
+    anchor on the preferred images, as RPO (Pang et al. 2024) adds the winner's NLL to DPO. The preference term
+    moves what the pair's images differ in; the anchor keeps the policy's likelihood of the winners from falling,
+    and with fresh noise at high ``t`` it reaches the layout a sample decides from pure noise, which inverted
+    latents (that already hold their image's layout) do not train. One more policy call with grad, on B rows.
+    In the two-pass scheme the term is one more gradient chunk; its gradient adds to the preference's.
+
+    ``objective()`` computes the preference term. The sft term draws its t and noise first, so that they are the
+    same whatever the objective draws (Diffusion-DPO and InPO draw theirs; a run from the cache draws none)."""
+    if not cfg.sft_weight:
+        return objective()
+    term = cfg.sft_weight * winner_sft_loss(policy, z0, cond, null_cond, cfg)
+    out = objective()
+    logs = {**out.logs, "sft": (term / cfg.sft_weight).detach().mean()}
+    if out.grad_chunks is None:
+        return ObjectiveOutput(out.loss + term, out.margin, logs)
+    return ObjectiveOutput(out.loss + term.detach(), out.margin, logs, out.grad_chunks + [lambda: term])
 
 
 OBJECTIVES: Dict[str, Callable[..., ObjectiveOutput]] = {

@@ -56,6 +56,7 @@ from .objectives import (
     TIMESTEP_WEIGHTINGS,
     ObjectiveConfig,
     inversion_policy,
+    with_winner_sft,
 )
 
 
@@ -134,6 +135,28 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         default=5000.0,
         help="KL strength. Diffusion-DPO's T is folded in and the 1/2 is applied inside: the logit is "
         "-beta_dpo/2 * margin, as in the diffusers SD1.5 DPO example.",
+    )
+    g.add_argument(
+        "--sft_weight",
+        type=float,
+        default=0.0,
+        help="Pair objectives: add this times the sft loss on the winners (fresh noise, see the next two flags), a "
+        "supervised anchor on the preferred images as RPO adds the winner's NLL to DPO; one more policy call per pair. "
+        "0: the preference alone.",
+    )
+    g.add_argument(
+        "--sft_min_timestep",
+        type=int,
+        default=0,
+        help="The sft loss (the sft objective, or the --sft_weight term) draws t from [this, T): 600 trains the levels "
+        "where a sample's layout is decided.",
+    )
+    g.add_argument(
+        "--sft_caption_dropout",
+        type=float,
+        default=0.0,
+        help="Share of the sft loss's rows trained on the null caption, keeping the unconditional branch that "
+        "guidance subtracts in step.",
     )
     g.add_argument("--inversion_steps", type=int, default=20, help="N, the DDIM inversion grid of inversion_dpo.")
     g.add_argument(
@@ -306,6 +329,16 @@ def check_args(args):
     if args.inversion_grad_steps is not None and args.inversion_margin == "step":
         raise SystemExit("error: --inversion_grad_steps samples steps of the trajectory margin; --inversion_margin step "
                          "back-propagates its one step already")  # fmt: skip
+    if args.sft_weight < 0:
+        raise SystemExit(f"error: --sft_weight must be at least 0, got {args.sft_weight:g}")
+    if args.sft_weight and args.objective == "sft":
+        raise SystemExit(
+            "error: --sft_weight adds the sft loss to a pair objective; --objective sft is that loss alone"
+        )
+    if not 0 <= args.sft_caption_dropout < 1:
+        raise SystemExit(f"error: --sft_caption_dropout must be in [0, 1), got {args.sft_caption_dropout:g}")
+    if args.sft_min_timestep < 0:
+        raise SystemExit(f"error: --sft_min_timestep must be at least 0, got {args.sft_min_timestep}")
     if args.inversion_cache:
         if args.objective != "inversion_dpo":
             raise SystemExit(
@@ -715,6 +748,10 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
         )
     elif objective == "inpo":
         settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
+    if args.sft_weight or objective == "sft":
+        settings += (
+            f", + {args.sft_weight:g} x sft on the winners" if args.sft_weight else ""
+        ) + f", sft t >= {args.sft_min_timestep}, sft caption dropout {args.sft_caption_dropout:g}"
     sample_lines = ""
     if samples:
         sample_lines = (
@@ -779,6 +816,7 @@ class Architecture:
     encode_conditioning: Callable
     make_pipeline: Callable  # unet -> pipeline for sampling
     text_encoders: tuple = ()  # with the VAE, what a run from the cache does not need (unless it validates)
+    null_conditioning: Optional[Callable] = None  # cond -> its null_cond without the text encoders (cached runs)
 
 
 def encode_latents(vae, pixel_values):
@@ -796,6 +834,12 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
     def grid(n):
         return ddim_grid(DDIMScheduler.from_config(noise_scheduler.config), n, device)
 
+    T = noise_scheduler.config.num_train_timesteps
+    if args.sft_min_timestep >= T:
+        raise SystemExit(
+            f"error: --sft_min_timestep must be below the model's {T} timesteps, got {args.sft_min_timestep}"
+        )
+
     return ObjectiveConfig(
         alphas_cumprod=noise_scheduler.alphas_cumprod.to(device, torch.float32),
         beta=args.beta_dpo,
@@ -811,6 +855,9 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         inpo_eta=args.inpo_eta,
         prediction_type=prediction_type_of(noise_scheduler),
         loss_space=args.loss_space,
+        sft_weight=args.sft_weight,
+        sft_min_timestep=args.sft_min_timestep,
+        sft_caption_dropout=args.sft_caption_dropout,
     )
 
 
@@ -1104,12 +1151,14 @@ def train(args, accelerator, arch: Architecture, data):
 
     def objective_on(batch):
         if args.inversion_cache:  # the policy alone: no VAE, no text encoder, no reference
-            ref, cond = inversion_cache.cached_inversion_steps(batch, pairs.cache.steps)
-            return inversion_policy(policy, ref, cond, cfg)
+            ref, cond, z0 = inversion_cache.cached_inversion_steps(batch, pairs.cache.steps)
+            null_cond = arch.null_conditioning(cond) if cfg.sft_caption_dropout else None
+            return with_winner_sft(lambda: inversion_policy(policy, ref, cond, cfg), policy, z0, cond, null_cond, cfg)
         with torch.no_grad():
             z0 = encode_latents(arch.vae, batch["pixel_values"])
             cond, null_cond = arch.encode_conditioning(batch, device)
-        return objective(policy, reference, z0, cond, null_cond, cfg)
+        pair_objective = lambda: objective(policy, reference, z0, cond, null_cond, cfg)  # noqa: E731
+        return with_winner_sft(pair_objective, policy, z0, cond, null_cond, cfg)
 
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

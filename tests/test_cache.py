@@ -55,6 +55,23 @@ def test_training_from_the_cache_equals_recomputing(runs):
     assert update_difference(out["recomputed"], out["float16"]) < 5e-2
 
 
+def test_the_sft_anchor_trains_the_same_from_the_cache(runs, tmp_path):
+    # --sft_weight needs each winner's clean latent, which the cache stores, and the null caption for its dropout,
+    # which a cached run builds without the text encoder; the same draws follow either way
+    out, args, cache, *_ = runs
+    sft = ["--sft_weight", 10, "--sft_min_timestep", 500, "--sft_caption_dropout", 0.5, "--inversion_cache_dtype",
+           "float32"]  # fmt: skip
+    run(SCRIPT, args + sft + ["--output_dir", tmp_path / "recomputed"])
+    run(SCRIPT, args + cache + sft + ["--output_dir", tmp_path / "cached"])
+    recomputed, cached = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("recomputed", "cached"))
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in recomputed], rel=1e-4)
+    assert [r["sft"] for r in cached] == pytest.approx([r["sft"] for r in recomputed], rel=1e-4)
+    # the loss is the preference's log 2 plus 10 x the sft loss at the first step (policy == reference)
+    first = recomputed[0]
+    assert first["loss"] == pytest.approx(math.log(2) + 10 * first["sft"], rel=1e-5)
+    assert losses(tmp_path / "recomputed") != pytest.approx(losses(out["recomputed"]), rel=1e-3)
+
+
 def test_each_key_has_its_folder_and_a_rerun_reuses_it(runs):
     out, args, cache, caches, stderr = runs
     folders = sorted(os.listdir(caches))
@@ -140,7 +157,9 @@ def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
     cond = {"encoder_hidden_states": states, "added_cond_kwargs": {"time_ids": torch.randn(2 * B, 6)}}
     key = {"data": {"pairs": B, "flips": [False]}, "inversion": {"stored_steps": [4, 7, 9]}, "storage": "float32"}
     cache = InversionCache(str(tmp_path), key, shard_size=B)
+    z0 = torch.randn(2 * B, 4, 2, 2)
     stored = {"x": _pair_major(x, B)[:, None], "ref_error": _pair_major(ref_error, B)[:, None]}  # one flip
+    stored["z0"] = z0.reshape(2, B, 4, 2, 2).transpose(0, 1)[:, None]
     for k, v in flatten_cond(cond).items():
         stored[k] = _shared(v.reshape(2, B, *v.shape[1:]).transpose(0, 1)[:, None])
     assert stored["cond.encoder_hidden_states"].shape == (B, 1, 1, 5, 8)  # stored once per pair
@@ -149,8 +168,9 @@ def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
 
     pairs = SimpleNamespace(draw_flip=lambda rng: False, augmentation_rng=lambda index: None, epoch=0)
     dataset = CachedPairs(cache, pairs)
-    ref, read_cond = cached_inversion_steps(collate_cached([dataset[b] for b in range(B)]), cache.steps)
+    ref, read_cond, read_z0 = cached_inversion_steps(collate_cached([dataset[b] for b in range(B)]), cache.steps)
     assert torch.equal(ref.x, x) and torch.equal(ref.ref_error, ref_error) and ref.target is None
+    assert torch.equal(read_z0, z0)  # the clean latents, for --sft_weight
     assert ref.steps.tolist() == [[4] * 4, [7] * 4, [9] * 4]
     assert torch.equal(read_cond["encoder_hidden_states"], states)
     assert torch.equal(read_cond["added_cond_kwargs"]["time_ids"], cond["added_cond_kwargs"]["time_ids"])

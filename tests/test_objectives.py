@@ -457,3 +457,93 @@ def test_on_v_the_inversion_targets_still_land_where_they_should(target):
 def test_an_unknown_loss_space_is_refused_when_the_config_is_made():
     with pytest.raises(ValueError, match="unknown loss_space 'v'; expected one of"):
         make_cfg(loss_space="v")
+
+
+# --sft_weight: the preference plus a supervised anchor on the winners
+
+
+def sft_call(model, z0, cond, null, cfg, seed=0):
+    from inversion_dpo.objectives import inversion_dpo, with_winner_sft
+
+    torch.manual_seed(seed)
+    out = inversion_dpo(model.policy, model.reference, z0, cond, null, cfg)
+    torch.manual_seed(seed)
+    return out, with_winner_sft(lambda: out, model.policy, z0, cond, null, cfg)
+
+
+def test_winner_sft_adds_the_weighted_sft_loss_and_its_gradient():
+    from inversion_dpo.objectives import winner_sft_loss
+
+    z0, cond, null = pair_batch()
+    model = moved_model()
+    cfg = make_cfg(inversion_target="x0", sft_weight=3.0, beta=50.0)
+    plain, mixed = sft_call(model, z0, cond, null, cfg)
+    torch.manual_seed(0)  # the sft term draws first, from the seed
+    expected_sft = winner_sft_loss(model.policy, z0, cond, null, cfg)
+    assert torch.allclose(mixed.loss, plain.loss + 3.0 * expected_sft)
+    assert torch.allclose(mixed.logs["sft"], expected_sft.mean())
+    assert torch.equal(mixed.margin, plain.margin)
+
+    # the gradient is the preference's plus 3x the sft loss's
+    def grad_of(fn):
+        model.D.grad = None
+        fn().mean().backward()
+        return model.D.grad.clone()
+
+    g_mixed = grad_of(lambda: sft_call(model, z0, cond, null, cfg)[1].loss)
+    g_pref = grad_of(lambda: sft_call(model, z0, cond, null, cfg)[0].loss)
+    torch.manual_seed(0)
+    g_sft = grad_of(lambda: winner_sft_loss(model.policy, z0, cond, null, cfg))
+    assert torch.allclose(g_mixed, g_pref + 3.0 * g_sft, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(g_mixed, g_pref)
+    # weight 0 leaves the objective as it was
+    _, unchanged = sft_call(model, z0, cond, null, make_cfg(inversion_target="x0", beta=50.0))
+    assert torch.equal(unchanged.loss, plain.loss) and "sft" not in unchanged.logs
+
+
+def test_winner_sft_two_pass_gradient_equals_the_one_graph_gradient():
+    z0, cond, null = pair_batch()
+    model = moved_model()
+
+    def grad_and_loss(chunk):
+        model.D.grad = None
+        cfg = make_cfg(inversion_target="x0", inversion_chunk_steps=chunk, beta=50.0, sft_weight=10.0)
+        _, out = sft_call(model, z0, cond, null, cfg)
+        assert (out.grad_chunks is None) == (chunk is None)
+        backward(out)
+        return model.D.grad.clone(), out.loss.detach()
+
+    one_graph_grad, one_graph_loss = grad_and_loss(None)
+    for chunk in (1, 2):
+        grad, loss = grad_and_loss(chunk)
+        assert torch.allclose(loss, one_graph_loss, atol=1e-5)
+        assert torch.allclose(grad, one_graph_grad, rtol=1e-4, atol=1e-7), chunk
+
+
+def test_winner_sft_draws_high_timesteps_and_drops_captions():
+    from inversion_dpo.objectives import winner_sft_loss
+
+    B = 400
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(2 * B, 4, 2, 2, generator=g)
+    cond = {"bias": torch.ones(2 * B, 4)}
+    null = {"bias": torch.zeros(2 * B, 4)}
+    seen = {}
+
+    def spy(x, t, c):
+        seen["t"], seen["bias"], seen["x"] = t, c["bias"], x
+        return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    winner_sft_loss(spy, z0, cond, null, make_cfg(sft_min_timestep=600, sft_caption_dropout=0.25))
+    assert len(seen["t"]) == B and seen["t"].min() >= 600 and seen["t"].max() <= 999
+    dropped = (seen["bias"] == 0).all(1)
+    assert ((seen["bias"] == 0) | (seen["bias"] == 1)).all()  # each row is its caption or the null one
+    assert 0.15 < dropped.float().mean() < 0.35
+    # the winners' latents are noised (rows :B), not the losers'
+    a = make_cfg().alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
+    noise = (seen["x"] - a.sqrt() * z0[:B]) / (1 - a).sqrt()
+    assert noise.std() > 0.9 and noise.std() < 1.1
+    torch.manual_seed(0)
+    winner_sft_loss(spy, z0, cond, null, make_cfg())
+    assert seen["t"].min() < 600 and (seen["bias"] == 1).all()  # the defaults: any t, no dropout
