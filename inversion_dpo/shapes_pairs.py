@@ -41,8 +41,10 @@ def pairs_from_samples(
     images: Sequence[Sequence[Image.Image]],
     seed: int = 0,
     max_pairs_per_prompt: Optional[int] = None,
+    min_winner_score: Optional[float] = None,
 ) -> Dict[str, list]:
-    """Rows (column -> list) of winner/loser pairs; equal scores are dropped, held-out prompts refused."""
+    """Rows (column -> list) of winner/loser pairs; equal scores are dropped, held-out prompts refused. With
+    ``min_winner_score`` (1.0: the winner passes the whole prompt) pairs whose winner scores lower are dropped too."""
     rng = np.random.default_rng(seed)
     rows = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": [], "score_0": [], "score_1": []}
     for prompt, ims in zip(prompts, images):
@@ -50,6 +52,8 @@ def pairs_from_samples(
             raise ValueError(f"held-out prompt {prompt!r} must not be used for training pairs")
         scores = [shapes.score(im, prompt).score for im in ims]
         candidates = [(a, b) for a, b in itertools.combinations(range(len(ims)), 2) if scores[a] != scores[b]]
+        if min_winner_score is not None:
+            candidates = [(a, b) for a, b in candidates if max(scores[a], scores[b]) >= min_winner_score]
         if max_pairs_per_prompt is not None and len(candidates) > max_pairs_per_prompt:
             keep = rng.choice(len(candidates), max_pairs_per_prompt, replace=False)
             candidates = [candidates[k] for k in sorted(keep)]
@@ -95,12 +99,13 @@ def make_pairs(
     single_fraction: float = 0.0,
     max_pairs_per_prompt: Optional[int] = None,
     prompts: Optional[Sequence[str]] = None,
+    min_winner_score: Optional[float] = None,
 ) -> Dict[str, float]:
     """Samples, scores and writes pairs; returns counts. Sampling seeds are ``seed * 1000 + j``."""
     if prompts is None:
         prompts = choose_prompts(num_prompts, seed, single_fraction)
     images = shapes_eval.sample(pipe, prompts, images_per_prompt, seed * 1000, steps, guidance)
-    rows = pairs_from_samples(prompts, images, seed, max_pairs_per_prompt)
+    rows = pairs_from_samples(prompts, images, seed, max_pairs_per_prompt, min_winner_score)
     write_parquet(rows, out_path)
     n_samples = len(prompts) * images_per_prompt
     passed = sum(shapes.score(im, p).passed for p, ims in zip(prompts, images) for im in ims)

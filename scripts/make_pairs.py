@@ -27,6 +27,9 @@ def main(argv=None):
     ap.add_argument("--images_per_prompt", type=int, default=4)
     ap.add_argument("--single_fraction", type=float, default=0.0, help="share of single-object prompts")
     ap.add_argument("--max_pairs_per_prompt", type=int, default=None)
+    ap.add_argument(
+        "--min_winner_score", type=float, default=None, help="drop pairs whose winner scores lower (1.0: it passes)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=shapes_eval.DEFAULT_STEPS)
     ap.add_argument("--guidance", type=float, default=shapes_eval.DEFAULT_GUIDANCE)
@@ -47,6 +50,7 @@ def main(argv=None):
         guidance=args.guidance,
         single_fraction=args.single_fraction,
         max_pairs_per_prompt=args.max_pairs_per_prompt,
+        min_winner_score=args.min_winner_score,
     )
     print(
         f"wrote {stats['pairs']} pairs to {args.out} from {stats['samples']} samples of {stats['prompts']} train "

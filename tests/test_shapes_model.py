@@ -92,6 +92,14 @@ def test_pairs_refuse_heldout_and_drop_ties():
     assert all(max(a, b) == 1.0 for a, b in zip(rows["score_0"], rows["score_1"]))
     with pytest.raises(ValueError):
         shapes_pairs.pairs_from_samples([str(shapes.heldout_prompts()[0])], [[good, blank]])
+    # min_winner_score 1.0 keeps only pairs whose winner passes: a mirrored render (order wrong, 0.75) beats a blank
+    # image but is not kept as a winner
+    mirrored = shapes.render("a red circle right of a green square", 0)
+    prompt = "a red circle left of a green square"
+    every = shapes_pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0)
+    passing = shapes_pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0, min_winner_score=1.0)
+    assert sorted(max(a, b) for a, b in zip(every["score_0"], every["score_1"])) == [0.75, 1.0, 1.0]
+    assert [max(a, b) for a, b in zip(passing["score_0"], passing["score_1"])] == [1.0, 1.0]
     for p in shapes_pairs.choose_prompts(50, seed=3, single_fraction=0.2):
         assert not shapes.is_heldout(p)
 
