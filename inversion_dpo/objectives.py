@@ -470,7 +470,7 @@ def winner_sft_loss(policy: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig)
         null_w = take_cond(null_cond, slice(0, B))
         cond_w = map_cond_pair(cond_w, null_w, lambda c, n: torch.where(drop.view(-1, *([1] * (c.ndim - 1))), n, c))
     t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (B,), device=z0.device)
-    noise = torch.randn(z0_w.shape, device=z0.device)  # not randn_like: the draw must not follow z0's memory layout
+    noise = torch.randn_like(z0_w)
     x_t = _add_noise(z0_w, noise, cfg.alphas_cumprod[t])
     return mse(cfg.target(noise, z0_w, t), cfg.pred(policy(x_t, t, cond_w), x_t, t))
 
@@ -492,9 +492,10 @@ def with_winner_sft(objective: Callable[[], ObjectiveOutput], policy: Denoiser, 
     same whatever the objective draws (Diffusion-DPO and InPO draw theirs; a run from the cache draws none)."""
     if not cfg.sft_weight:
         return objective()
-    term = cfg.sft_weight * winner_sft_loss(policy, z0, cond, null_cond, cfg)
+    sft_loss = winner_sft_loss(policy, z0, cond, null_cond, cfg)
+    term = cfg.sft_weight * sft_loss
     out = objective()
-    logs = {**out.logs, "sft": (term / cfg.sft_weight).detach().mean()}
+    logs = {**out.logs, "sft": sft_loss.detach().mean()}
     if out.grad_chunks is None:
         return ObjectiveOutput(out.loss + term, out.margin, logs)
     return ObjectiveOutput(out.loss + term.detach(), out.margin, logs, out.grad_chunks + [lambda: term])

@@ -821,11 +821,12 @@ class Architecture:
 
 def encode_latents(vae, pixel_values):
     """Deterministic latents (the distribution's mean, method.md) of [B, 2, 3, R, R] pairs, as [2B, C, h, w]:
-    winners then losers."""
+    winners then losers. Contiguous: the mean is a channel slice of the encoder's moments, and ``randn_like`` on a
+    strided tensor draws in memory order, so the objectives' noise would otherwise differ from a cached run's."""
     images = torch.cat([pixel_values[:, 0], pixel_values[:, 1]]).to(vae.device, dtype=vae.dtype)
     latents = vae.encode(images).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).float()
+    return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
 
 
 def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
