@@ -70,7 +70,7 @@ def parse_args(input_args=None):
 # image's layout) do not train, with a fifth of its rows on the null caption so that guidance keeps its balance.
 # Inversion-DPO alone gained held-out points and, depending on the evaluation seeds, 0-7 on the prompts the pairs came
 # from, whose samples mostly kept their layout; the anchor alone loses objects. Together, over three evaluation seed
-# sets: +9.4 held-out and +6.8 on train prompts on average, against +5.5 and +3.5 (session 12, README).
+# sets: +9.4 held-out and +7.4 on train prompts on average, against +5.5 and +3.5 (session 12, README).
 TRAIN_ARGS = [
     "--objective", "inversion_dpo", "--inversion_target", "x0", "--timestep_weighting", "uniform",
     "--inversion_steps", "5", "--inversion_chunk_steps", "5", "--train_batch_size", "16", "--max_train_steps", "150",
