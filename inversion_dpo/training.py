@@ -339,6 +339,12 @@ def check_args(args):
         raise SystemExit(f"error: --sft_caption_dropout must be in [0, 1), got {args.sft_caption_dropout:g}")
     if args.sft_min_timestep < 0:
         raise SystemExit(f"error: --sft_min_timestep must be at least 0, got {args.sft_min_timestep}")
+    unused = [f"--{n}" for n in ("sft_min_timestep", "sft_caption_dropout") if getattr(args, n)]
+    if unused and not args.sft_weight and args.objective != "sft":
+        raise SystemExit(
+            f"error: {' and '.join(unused)} shape the sft loss, which --objective {args.objective} only uses with "
+            "--sft_weight > 0"
+        )
     if args.inversion_cache:
         if args.objective != "inversion_dpo":
             raise SystemExit(

@@ -547,3 +547,25 @@ def test_winner_sft_draws_high_timesteps_and_drops_captions():
     torch.manual_seed(0)
     winner_sft_loss(spy, z0, cond, null, make_cfg())
     assert seen["t"].min() < 600 and (seen["bias"] == 1).all()  # the defaults: any t, no dropout
+
+
+def test_sft_flags_that_cannot_work_are_refused():
+    # the sft loss's flags act on the sft objective, or on a pair objective's --sft_weight term; set without either,
+    # a run would train something else than asked without a word
+    from train_inversion_dpo import parse_args
+
+    base = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]
+    for extra, message in [
+        (["--sft_min_timestep", "600"], "--sft_min_timestep shape the sft loss, which --objective inversion_dpo only"),
+        (["--objective", "diffusion_dpo", "--sft_caption_dropout", "0.2"], "--sft_caption_dropout shape"),
+        (["--sft_weight", "-1"], "--sft_weight must be at least 0"),
+        (["--sft_weight", "1", "--objective", "sft"], "--objective sft is that loss alone"),
+        (["--sft_weight", "1", "--sft_caption_dropout", "1"], r"--sft_caption_dropout must be in \[0, 1\)"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            parse_args(base + extra)
+    for extra in (
+        ["--objective", "sft", "--sft_min_timestep", "600"],
+        ["--sft_weight", "3", "--sft_caption_dropout", "0.2"],
+    ):
+        assert parse_args(base + extra).objective in ("sft", "inversion_dpo")
