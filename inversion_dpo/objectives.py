@@ -170,6 +170,8 @@ class ObjectiveConfig:
     sft_weight: float = 0.0  # pair objectives: + sft_weight x the sft loss on the winners (``with_winner_sft``)
     sft_min_timestep: int = 0  # the sft loss draws t from [sft_min_timestep, T)
     sft_caption_dropout: float = 0.0  # share of the sft loss's rows conditioned on the null caption instead
+    anchor_weight: float = 0.0  # + anchor_weight x the policy's distance to the reference below anchor_max_timestep
+    anchor_max_timestep: int = 0  # the anchor draws t from [0, anchor_max_timestep)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -463,16 +465,35 @@ def winner_sft_loss(policy: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig)
     batch), with fresh noise and ``t ~ U{sft_min_timestep .. T-1}``; a ``sft_caption_dropout`` share of the rows is
     conditioned on the null caption instead, as text-to-image fine-tuning drops captions to keep the unconditional
     branch that classifier-free guidance subtracts in step with the conditional one."""
-    B = z0.shape[0] // 2
-    z0_w, cond_w = z0[:B], take_cond(cond, slice(0, B))
-    if cfg.sft_caption_dropout > 0:
-        drop = torch.rand(B, device=z0.device) < cfg.sft_caption_dropout
-        null_w = take_cond(null_cond, slice(0, B))
-        cond_w = map_cond_pair(cond_w, null_w, lambda c, n: torch.where(drop.view(-1, *([1] * (c.ndim - 1))), n, c))
-    t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (B,), device=z0.device)
+    z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
+    t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (z0_w.shape[0],), device=z0.device)
     noise = torch.randn_like(z0_w)
     x_t = _add_noise(z0_w, noise, cfg.alphas_cumprod[t])
     return mse(cfg.target(noise, z0_w, t), cfg.pred(policy(x_t, t, cond_w), x_t, t))
+
+
+def _winner_rows(z0, cond, null_cond, dropout):
+    """The winners' latents and conditioning (rows ``:B``), a ``dropout`` share of the rows on the null caption."""
+    B = z0.shape[0] // 2
+    z0_w, cond_w = z0[:B], take_cond(cond, slice(0, B))
+    if dropout > 0:
+        drop = torch.rand(B, device=z0.device) < dropout
+        null_w = take_cond(null_cond, slice(0, B))
+        cond_w = map_cond_pair(cond_w, null_w, lambda c, n: torch.where(drop.view(-1, *([1] * (c.ndim - 1))), n, c))
+    return z0_w, cond_w
+
+
+def reference_anchor_loss(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """[B]: ``||pred_pol(x_t^w, t) - pred_ref(x_t^w, t)||^2`` on the winners with fresh noise and
+    ``t ~ U{0 .. anchor_max_timestep-1}`` (the same ``sft_caption_dropout`` share on the null caption): it holds the
+    policy to the reference at the levels below the ones the sft term trains. One LoRA serves every level, so a
+    change learnt where the layout is decided also moves the levels that draw the objects' shapes; this keeps them."""
+    z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
+    t = torch.randint(0, cfg.anchor_max_timestep, (z0_w.shape[0],), device=z0.device)
+    x_t = _add_noise(z0_w, torch.randn_like(z0_w), cfg.alphas_cumprod[t])
+    with torch.no_grad():
+        ref = cfg.pred(reference(x_t, t, cond_w), x_t, t)
+    return mse(ref, cfg.pred(policy(x_t, t, cond_w), x_t, t))
 
 
 def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
@@ -480,7 +501,9 @@ def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: Objecti
     return ObjectiveOutput(winner_sft_loss(policy, z0, cond, null_cond, cfg))
 
 
-def with_winner_sft(objective: Callable[[], ObjectiveOutput], policy: Denoiser, z0, cond, null_cond, cfg):
+def with_winner_sft(
+    objective: Callable[[], ObjectiveOutput], policy: Denoiser, z0, cond, null_cond, cfg, reference=None
+):
     """A pair objective's output plus ``sft_weight`` times the winners' sft loss (``winner_sft_loss``): a supervised
     anchor on the preferred images, as RPO (Pang et al. 2024) adds the winner's NLL to DPO. The preference term
     moves what the pair's images differ in; the anchor keeps the policy's likelihood of the winners from falling,
@@ -489,13 +512,24 @@ def with_winner_sft(objective: Callable[[], ObjectiveOutput], policy: Denoiser, 
     In the two-pass scheme the term is one more gradient chunk; its gradient adds to the preference's.
 
     ``objective()`` computes the preference term. The sft term draws its t and noise first, so that they are the
-    same whatever the objective draws (Diffusion-DPO and InPO draw theirs; a run from the cache draws none)."""
-    if not cfg.sft_weight:
-        return objective()
-    sft_loss = winner_sft_loss(policy, z0, cond, null_cond, cfg)
-    term = cfg.sft_weight * sft_loss
+    same whatever the objective draws (Diffusion-DPO and InPO draw theirs; a run from the cache draws none).
+
+    With ``anchor_weight`` (and ``reference``) it adds ``anchor_weight`` times ``reference_anchor_loss`` too, drawn
+    after the sft term: one more policy call with grad and one reference call without, on B rows."""
+    terms, logs = [], {}
+    if cfg.sft_weight:
+        sft_loss = winner_sft_loss(policy, z0, cond, null_cond, cfg)
+        terms.append(cfg.sft_weight * sft_loss)
+        logs["sft"] = sft_loss.detach().mean()
+    if cfg.anchor_weight:
+        anchor_loss = reference_anchor_loss(policy, reference, z0, cond, null_cond, cfg)
+        terms.append(cfg.anchor_weight * anchor_loss)
+        logs["anchor"] = anchor_loss.detach().mean()
     out = objective()
-    logs = {**out.logs, "sft": sft_loss.detach().mean()}
+    if not terms:
+        return out
+    logs = {**out.logs, **logs}
+    term = sum(terms)
     if out.grad_chunks is None:
         return ObjectiveOutput(out.loss + term, out.margin, logs)
     return ObjectiveOutput(out.loss + term.detach(), out.margin, logs, out.grad_chunks + [lambda: term])

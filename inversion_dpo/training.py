@@ -158,6 +158,21 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         help="Share of the sft loss's rows trained on the null caption, keeping the unconditional branch that "
         "guidance subtracts in step.",
     )
+    g.add_argument(
+        "--anchor_weight",
+        type=float,
+        default=0.0,
+        help="Pair objectives: add this times the policy's squared distance to the reference (the frozen model) on "
+        "the winners at t < --anchor_max_timestep, fresh noise: it keeps the levels the --sft_weight term does not "
+        "train where they were, since one LoRA serves every level. One more policy call with grad and one reference "
+        "call per pair. 0: off.",
+    )
+    g.add_argument(
+        "--anchor_max_timestep",
+        type=int,
+        default=None,
+        help="The anchor draws t from [0, this); default: --sft_min_timestep.",
+    )
     g.add_argument("--inversion_steps", type=int, default=20, help="N, the DDIM inversion grid of inversion_dpo.")
     g.add_argument(
         "--inversion_guidance_scale",
@@ -339,8 +354,18 @@ def check_args(args):
         raise SystemExit(f"error: --sft_caption_dropout must be in [0, 1), got {args.sft_caption_dropout:g}")
     if args.sft_min_timestep < 0:
         raise SystemExit(f"error: --sft_min_timestep must be at least 0, got {args.sft_min_timestep}")
+    if args.anchor_weight < 0:
+        raise SystemExit(f"error: --anchor_weight must be at least 0, got {args.anchor_weight:g}")
+    if args.anchor_max_timestep is None:
+        args.anchor_max_timestep = args.sft_min_timestep
+    if args.anchor_weight and args.objective == "sft":
+        raise SystemExit("error: --anchor_weight is a term of the pair objectives; --objective sft has no reference")
+    if args.anchor_weight and args.anchor_max_timestep < 1:
+        raise SystemExit(
+            "error: --anchor_weight needs --anchor_max_timestep (or --sft_min_timestep) above 0: the levels to keep"
+        )
     unused = [f"--{n}" for n in ("sft_min_timestep", "sft_caption_dropout") if getattr(args, n)]
-    if unused and not args.sft_weight and args.objective != "sft":
+    if unused and not (args.sft_weight or args.anchor_weight) and args.objective != "sft":
         raise SystemExit(
             f"error: {' and '.join(unused)} shape the sft loss, which --objective {args.objective} only uses with "
             "--sft_weight > 0"
@@ -846,6 +871,10 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         raise SystemExit(
             f"error: --sft_min_timestep must be below the model's {T} timesteps, got {args.sft_min_timestep}"
         )
+    if args.anchor_max_timestep > T:
+        raise SystemExit(
+            f"error: --anchor_max_timestep must be at most the model's {T} timesteps, got {args.anchor_max_timestep}"
+        )
 
     return ObjectiveConfig(
         alphas_cumprod=noise_scheduler.alphas_cumprod.to(device, torch.float32),
@@ -865,6 +894,8 @@ def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
         sft_weight=args.sft_weight,
         sft_min_timestep=args.sft_min_timestep,
         sft_caption_dropout=args.sft_caption_dropout,
+        anchor_weight=args.anchor_weight,
+        anchor_max_timestep=args.anchor_max_timestep,
     )
 
 
@@ -1160,12 +1191,14 @@ def train(args, accelerator, arch: Architecture, data):
         if args.inversion_cache:  # the policy alone: no VAE, no text encoder, no reference
             ref, cond, z0 = inversion_cache.cached_inversion_steps(batch, pairs.cache.steps)
             null_cond = arch.null_conditioning(cond) if cfg.sft_caption_dropout else None
-            return with_winner_sft(lambda: inversion_policy(policy, ref, cond, cfg), policy, z0, cond, null_cond, cfg)
+            return with_winner_sft(
+                lambda: inversion_policy(policy, ref, cond, cfg), policy, z0, cond, null_cond, cfg, reference
+            )
         with torch.no_grad():
             z0 = encode_latents(arch.vae, batch["pixel_values"])
             cond, null_cond = arch.encode_conditioning(batch, device)
         pair_objective = lambda: objective(policy, reference, z0, cond, null_cond, cfg)  # noqa: E731
-        return with_winner_sft(pair_objective, policy, z0, cond, null_cond, cfg)
+        return with_winner_sft(pair_objective, policy, z0, cond, null_cond, cfg, reference)
 
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}

@@ -59,16 +59,20 @@ def test_the_sft_anchor_trains_the_same_from_the_cache(runs, tmp_path):
     # --sft_weight needs each winner's clean latent, which the cache stores, and the null caption for its dropout,
     # which a cached run builds without the text encoder; the same draws follow either way
     out, args, cache, *_ = runs
-    sft = ["--sft_weight", 10, "--sft_min_timestep", 500, "--sft_caption_dropout", 0.5, "--inversion_cache_dtype",
-           "float32"]  # fmt: skip
+    # --anchor_weight also calls the reference, which a cached run otherwise never does
+    sft = ["--sft_weight", 10, "--sft_min_timestep", 500, "--sft_caption_dropout", 0.5, "--anchor_weight", 20,
+           "--inversion_cache_dtype", "float32"]  # fmt: skip
     run(SCRIPT, args + sft + ["--output_dir", tmp_path / "recomputed"])
     run(SCRIPT, args + cache + sft + ["--output_dir", tmp_path / "cached"])
     recomputed, cached = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("recomputed", "cached"))
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in recomputed], rel=1e-4)
     assert [r["sft"] for r in cached] == pytest.approx([r["sft"] for r in recomputed], rel=1e-4)
-    # the loss is the preference's log 2 plus 10 x the sft loss at the first step (policy == reference)
+    assert [r["anchor"] for r in cached] == pytest.approx([r["anchor"] for r in recomputed], rel=1e-4, abs=1e-12)
+    # the loss is the preference's log 2 plus 10 x the sft loss at the first step (policy == reference: no anchor
+    # distance yet), and the policy leaves the reference after it
     first = recomputed[0]
-    assert first["loss"] == pytest.approx(math.log(2) + 10 * first["sft"], rel=1e-5)
+    assert first["anchor"] == 0 and first["loss"] == pytest.approx(math.log(2) + 10 * first["sft"], rel=1e-5)
+    assert all(r["anchor"] > 0 for r in recomputed[1:])
     assert losses(tmp_path / "recomputed") != pytest.approx(losses(out["recomputed"]), rel=1e-3)
 
 

@@ -549,6 +549,44 @@ def test_winner_sft_draws_high_timesteps_and_drops_captions():
     assert seen["t"].min() < 600 and (seen["bias"] == 1).all()  # the defaults: any t, no dropout
 
 
+def test_the_reference_anchor_pulls_the_policy_back_at_its_levels_only():
+    from inversion_dpo.objectives import inversion_dpo, reference_anchor_loss, with_winner_sft
+
+    z0, cond, null = pair_batch()
+    cfg = make_cfg(inversion_target="x0", beta=50.0, anchor_weight=5.0, anchor_max_timestep=400)
+    # policy == reference: nothing to hold
+    still = LinearDenoiser()
+    assert reference_anchor_loss(still.policy, still.reference, z0, cond, null, cfg).abs().max() == 0
+
+    model = moved_model()
+    plain = inversion_dpo(model.policy, model.reference, z0, cond, null, cfg)
+    torch.manual_seed(0)
+    mixed = with_winner_sft(lambda: plain, model.policy, z0, cond, null, cfg, model.reference)
+    torch.manual_seed(0)
+    anchor = reference_anchor_loss(model.policy, model.reference, z0, cond, null, cfg)
+    assert (anchor > 0).all() and torch.allclose(mixed.loss, plain.loss + 5.0 * anchor)
+    assert torch.allclose(mixed.logs["anchor"], anchor.mean()) and "sft" not in mixed.logs
+    # its gradient points back to the reference: a step against it shrinks the distance
+    model.D.grad = None
+    torch.manual_seed(0)
+    reference_anchor_loss(model.policy, model.reference, z0, cond, null, cfg).mean().backward()
+    with torch.no_grad():
+        model.D -= 0.5 * model.D.grad / model.D.grad.norm() * model.D.norm()
+    torch.manual_seed(0)
+    assert reference_anchor_loss(model.policy, model.reference, z0, cond, null, cfg).mean() < anchor.mean()
+
+    # it draws t below anchor_max_timestep, on the winners
+    seen = {}
+
+    def spy(x, t, c):
+        seen["t"] = t
+        return torch.zeros_like(x)
+
+    big = torch.randn(800, 4, 2, 2)
+    reference_anchor_loss(spy, spy, big, {"bias": torch.ones(800, 4)}, None, cfg)
+    assert len(seen["t"]) == 400 and seen["t"].max() < 400 and seen["t"].min() < 40
+
+
 def test_sft_flags_that_cannot_work_are_refused():
     # the sft loss's flags act on the sft objective, or on a pair objective's --sft_weight term; set without either,
     # a run would train something else than asked without a word
@@ -561,6 +599,9 @@ def test_sft_flags_that_cannot_work_are_refused():
         (["--sft_weight", "-1"], "--sft_weight must be at least 0"),
         (["--sft_weight", "1", "--objective", "sft"], "--objective sft is that loss alone"),
         (["--sft_weight", "1", "--sft_caption_dropout", "1"], r"--sft_caption_dropout must be in \[0, 1\)"),
+        (["--anchor_weight", "10"], "--anchor_weight needs --anchor_max_timestep"),
+        (["--anchor_weight", "-1"], "--anchor_weight must be at least 0"),
+        (["--objective", "sft", "--anchor_weight", "1", "--sft_min_timestep", "600"], "sft has no reference"),
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_args(base + extra)
@@ -569,3 +610,7 @@ def test_sft_flags_that_cannot_work_are_refused():
         ["--sft_weight", "3", "--sft_caption_dropout", "0.2"],
     ):
         assert parse_args(base + extra).objective in ("sft", "inversion_dpo")
+    # the anchor keeps the levels below the sft term's unless told otherwise
+    anchored = parse_args(base + ["--sft_weight", "3", "--sft_min_timestep", "600", "--anchor_weight", "9"])
+    assert anchored.anchor_max_timestep == 600
+    assert parse_args(base + ["--anchor_weight", "9", "--anchor_max_timestep", "300"]).anchor_max_timestep == 300

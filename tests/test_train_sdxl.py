@@ -166,9 +166,10 @@ def test_lora_loads_into_stock_sdxl_pipeline_and_changes_output(inpo_runs, tiny_
 
 def test_the_sft_anchor_trains_from_the_cache(tiny_sdxl_dir, tiny_pairs_parquet, tmp_path):
     # a cached run has no text encoder: the dropped rows get the null conditioning built from the cached one (zeros
-    # text and pooled, the image's own time ids)
+    # text and pooled, the image's own time ids), for the sft term and the reference anchor
     out = str(tmp_path / "out")
-    sft = ["--sft_weight", 10, "--sft_min_timestep", 500, "--sft_caption_dropout", 0.5, "--inversion_target", "x0"]
+    sft = ["--sft_weight", 10, "--sft_min_timestep", 500, "--sft_caption_dropout", 0.5, "--inversion_target", "x0",
+           "--anchor_weight", 10]  # fmt: skip
     cache = ["--inversion_cache", str(tmp_path / "cache")]
     run(
         SCRIPT, common(tiny_sdxl_dir, tiny_pairs_parquet) + ["--output_dir", out, "--max_train_steps", 2, *sft, *cache]
@@ -176,4 +177,6 @@ def test_the_sft_anchor_trains_from_the_cache(tiny_sdxl_dir, tiny_pairs_parquet,
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["sft"]) and r["sft"] > 0 for r in steps)
     assert steps[0]["loss"] == pytest.approx(math.log(2) + 10 * steps[0]["sft"], rel=1e-5)
+    # the reference anchor runs from the cache too: zero at the first step, then the policy has moved
+    assert steps[0]["anchor"] == 0 and steps[1]["anchor"] > 0
     assert any(v.abs().max() > 0 for k, v in lora(out).items() if "lora_B" in k or "lora.up" in k)
