@@ -368,7 +368,7 @@ def check_args(args):
     if unused and not (args.sft_weight or args.anchor_weight) and args.objective != "sft":
         raise SystemExit(
             f"error: {' and '.join(unused)} shape the sft loss, which --objective {args.objective} only uses with "
-            "--sft_weight > 0"
+            "--sft_weight > 0 (or the anchor, with --anchor_weight > 0)"
         )
     if args.inversion_cache:
         if args.objective != "inversion_dpo":
@@ -783,6 +783,12 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
         settings += (
             f", + {args.sft_weight:g} x sft on the winners" if args.sft_weight else ""
         ) + f", sft t >= {args.sft_min_timestep}, sft caption dropout {args.sft_caption_dropout:g}"
+    if args.anchor_weight:
+        settings += (
+            f", + {args.anchor_weight:g} x distance to the reference on the winners at t < {args.anchor_max_timestep}"
+        )
+        if not args.sft_weight:
+            settings += f", caption dropout {args.sft_caption_dropout:g}"
     sample_lines = ""
     if samples:
         sample_lines = (
@@ -1188,7 +1194,7 @@ def train(args, accelerator, arch: Architecture, data):
     objective = OBJECTIVES[args.objective]
 
     def objective_on(batch):
-        if args.inversion_cache:  # the policy alone: no VAE, no text encoder, no reference
+        if args.inversion_cache:  # no VAE, no text encoder; the reference only for --anchor_weight
             ref, cond, z0 = inversion_cache.cached_inversion_steps(batch, pairs.cache.steps)
             null_cond = arch.null_conditioning(cond) if cfg.sft_caption_dropout else None
             return with_winner_sft(

@@ -179,4 +179,8 @@ def test_the_sft_anchor_trains_from_the_cache(tiny_sdxl_dir, tiny_pairs_parquet,
     assert steps[0]["loss"] == pytest.approx(math.log(2) + 10 * steps[0]["sft"], rel=1e-5)
     # the reference anchor runs from the cache too: zero at the first step, then the policy has moved
     assert steps[0]["anchor"] == 0 and steps[1]["anchor"] > 0
+    # the model card says how the adapter was trained, both terms included
+    card = open(os.path.join(out, "README.md")).read()
+    assert "+ 10 x sft on the winners, sft t >= 500" in card
+    assert "+ 10 x distance to the reference on the winners at t < 500" in card
     assert any(v.abs().max() > 0 for k, v in lora(out).items() if "lora_B" in k or "lora.up" in k)
