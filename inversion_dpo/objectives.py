@@ -465,11 +465,25 @@ def winner_sft_loss(policy: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig)
     batch), with fresh noise and ``t ~ U{sft_min_timestep .. T-1}``; a ``sft_caption_dropout`` share of the rows is
     conditioned on the null caption instead, as text-to-image fine-tuning drops captions to keep the unconditional
     branch that classifier-free guidance subtracts in step with the conditional one."""
-    z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
-    t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (z0_w.shape[0],), device=z0.device)
-    noise = torch.randn_like(z0_w)
-    x_t = _add_noise(z0_w, noise, cfg.alphas_cumprod[t])
-    return mse(cfg.target(noise, z0_w, t), cfg.pred(policy(x_t, t, cond_w), x_t, t))
+    return _winner_losses(policy, [_sft_rows(z0, cond, null_cond, cfg)], cfg)[0]
+
+
+def reference_anchor_loss(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """[B]: ``||pred_pol(x_t^w, t) - pred_ref(x_t^w, t)||^2`` on the winners with fresh noise and
+    ``t ~ U{0 .. anchor_max_timestep-1}`` (the same ``sft_caption_dropout`` share on the null caption): it holds the
+    policy to the reference at the levels below the ones the sft term trains. One LoRA serves every level, so a
+    change learnt where the layout is decided also moves the levels that draw the objects' shapes; this keeps them."""
+    return _winner_losses(policy, [_anchor_rows(reference, z0, cond, null_cond, cfg)], cfg)[0]
+
+
+@dataclass
+class _WinnerRows:
+    """Noisy winner rows for the policy and what its prediction there is regressed on (no grad)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: object
+    target: torch.Tensor
 
 
 def _winner_rows(z0, cond, null_cond, dropout):
@@ -483,17 +497,33 @@ def _winner_rows(z0, cond, null_cond, dropout):
     return z0_w, cond_w
 
 
-def reference_anchor_loss(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
-    """[B]: ``||pred_pol(x_t^w, t) - pred_ref(x_t^w, t)||^2`` on the winners with fresh noise and
-    ``t ~ U{0 .. anchor_max_timestep-1}`` (the same ``sft_caption_dropout`` share on the null caption): it holds the
-    policy to the reference at the levels below the ones the sft term trains. One LoRA serves every level, so a
-    change learnt where the layout is decided also moves the levels that draw the objects' shapes; this keeps them."""
+def _sft_rows(z0, cond, null_cond, cfg: ObjectiveConfig) -> _WinnerRows:
+    z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
+    t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (z0_w.shape[0],), device=z0.device)
+    noise = torch.randn_like(z0_w)
+    return _WinnerRows(_add_noise(z0_w, noise, cfg.alphas_cumprod[t]), t, cond_w, cfg.target(noise, z0_w, t))
+
+
+def _anchor_rows(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig) -> _WinnerRows:
     z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
     t = torch.randint(0, cfg.anchor_max_timestep, (z0_w.shape[0],), device=z0.device)
     x_t = _add_noise(z0_w, torch.randn_like(z0_w), cfg.alphas_cumprod[t])
     with torch.no_grad():
         ref = cfg.pred(reference(x_t, t, cond_w), x_t, t)
-    return mse(ref, cfg.pred(policy(x_t, t, cond_w), x_t, t))
+    return _WinnerRows(x_t, t, cond_w, ref)
+
+
+def _winner_losses(policy: Denoiser, rows: List[_WinnerRows], cfg: ObjectiveConfig) -> List[torch.Tensor]:
+    """``mse(target, pred_pol)`` per row, [B] per entry of ``rows``, from one policy call on all of them: the sft
+    and anchor rows together cost one batched call instead of two (on the tiny CPU model: 0.79 s a step against
+    0.90 s, ``N = 3``, batch 16)."""
+    x, t = torch.cat([r.x for r in rows]), torch.cat([r.t for r in rows])
+    cond = rows[0].cond
+    for r in rows[1:]:
+        cond = _cat_cond(cond, r.cond)
+    pred = cfg.pred(policy(x, t, cond), x, t)
+    errors = mse(torch.cat([r.target for r in rows]), pred)
+    return list(errors.split([r.x.shape[0] for r in rows]))
 
 
 def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
@@ -515,21 +545,22 @@ def with_winner_sft(
     same whatever the objective draws (Diffusion-DPO and InPO draw theirs; a run from the cache draws none).
 
     With ``anchor_weight`` (and ``reference``) it adds ``anchor_weight`` times ``reference_anchor_loss`` too, drawn
-    after the sft term: one more policy call with grad and one reference call without, on B rows."""
-    terms, logs = [], {}
+    after the sft term: one reference call without grad on B rows, and B more rows in the sft term's policy call."""
+    rows, weights, names = [], [], []
     if cfg.sft_weight:
-        sft_loss = winner_sft_loss(policy, z0, cond, null_cond, cfg)
-        terms.append(cfg.sft_weight * sft_loss)
-        logs["sft"] = sft_loss.detach().mean()
+        rows.append(_sft_rows(z0, cond, null_cond, cfg))
+        weights.append(cfg.sft_weight)
+        names.append("sft")
     if cfg.anchor_weight:
-        anchor_loss = reference_anchor_loss(policy, reference, z0, cond, null_cond, cfg)
-        terms.append(cfg.anchor_weight * anchor_loss)
-        logs["anchor"] = anchor_loss.detach().mean()
+        rows.append(_anchor_rows(reference, z0, cond, null_cond, cfg))
+        weights.append(cfg.anchor_weight)
+        names.append("anchor")
+    losses = _winner_losses(policy, rows, cfg) if rows else []
     out = objective()
-    if not terms:
+    if not rows:
         return out
-    logs = {**out.logs, **logs}
-    term = sum(terms)
+    logs = {**out.logs, **{name: loss.detach().mean() for name, loss in zip(names, losses)}}
+    term = sum(w * loss for w, loss in zip(weights, losses))
     if out.grad_chunks is None:
         return ObjectiveOutput(out.loss + term, out.margin, logs)
     return ObjectiveOutput(out.loss + term.detach(), out.margin, logs, out.grad_chunks + [lambda: term])

@@ -587,6 +587,33 @@ def test_the_reference_anchor_pulls_the_policy_back_at_its_levels_only():
     assert len(seen["t"]) == 400 and seen["t"].max() < 400 and seen["t"].min() < 40
 
 
+def test_the_sft_and_anchor_rows_share_one_policy_call_and_keep_their_values():
+    # batched for speed, each term must still be what it is alone, with the same draws (sft first, then the anchor)
+    from inversion_dpo.objectives import ObjectiveOutput, reference_anchor_loss, winner_sft_loss, with_winner_sft
+
+    z0, cond, null = pair_batch()
+    cfg = make_cfg(sft_weight=3.0, sft_min_timestep=600, sft_caption_dropout=0.5, anchor_weight=7.0,
+                   anchor_max_timestep=600)  # fmt: skip
+    model = moved_model()
+    calls = []
+
+    def policy(x, t, c):
+        calls.append(x.shape[0])
+        return model.policy(x, t, c)
+
+    none = ObjectiveOutput(torch.zeros(z0.shape[0] // 2), torch.zeros(z0.shape[0] // 2))
+    torch.manual_seed(0)
+    mixed = with_winner_sft(lambda: none, policy, z0, cond, null, cfg, model.reference)
+    assert calls == [z0.shape[0]]  # the winners twice: B sft rows and B anchor rows
+    torch.manual_seed(0)
+    sft_alone = winner_sft_loss(model.policy, z0, cond, null, cfg)
+    anchor_alone = reference_anchor_loss(model.policy, model.reference, z0, cond, null, cfg)
+    assert torch.allclose(mixed.logs["sft"], sft_alone.mean()) and torch.allclose(
+        mixed.logs["anchor"], anchor_alone.mean()
+    )
+    assert torch.allclose(mixed.loss, 3.0 * sft_alone + 7.0 * anchor_alone)
+
+
 def test_sft_flags_that_cannot_work_are_refused():
     # the sft loss's flags act on the sft objective, or on a pair objective's --sft_weight term; set without either,
     # a run would train something else than asked without a word
