@@ -63,10 +63,11 @@ def test_demo_story_end_to_end(tmp_path):
     assert results["train_script"] == "train_inversion_dpo.py"
     assert os.path.samefile(flags[flags.index("--inversion_cache") + 1], out / "inversion_cache")
     assert flags[flags.index("--dataset_name") + 1].endswith("pairs.parquet")
-    # the winners' sft anchor is on, from the cache, and logged; the prompts the pairs came from are evaluated too
-    assert float(flags[flags.index("--sft_weight") + 1]) > 0
+    # the winners' sft and reference anchors are on, from the cache, and logged; the prompts the pairs came from are
+    # evaluated too
+    assert float(flags[flags.index("--sft_weight") + 1]) > 0 and float(flags[flags.index("--anchor_weight") + 1]) > 0
     steps = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert any("sft" in r for r in steps)
+    assert any("sft" in r and "anchor" in r for r in steps)
     assert results["table"]["train two-object (every 4th)"]["aligned"]["n"] == 3
     # every pair's winner passes its prompt (--min_winner_score 1.0)
     import pyarrow.parquet as pq
