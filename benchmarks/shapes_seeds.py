@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_images", type=int, default=2, help="Samples per held-out prompt in each seed set.")
     p.add_argument("--train_prompt_seed", type=int, default=20_000, help="Seed of the all-train-prompt sample.")
     p.add_argument("--no_train_prompts", action="store_true", help="Skip the 432 train prompts (half the time).")
-    p.add_argument("--max_train_steps", type=int, default=None, help="Instead of the demo's 150.")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Instead of the demo's (its TRAIN_ARGS).")
     p.add_argument("--max_eval_prompts", type=int, default=None, help="Evaluate on the first N prompts of each set.")
     p.add_argument("--train_args", default="", help="Extra flags for train_inversion_dpo.py, quoted.")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads of training and sampling.")
