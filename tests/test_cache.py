@@ -67,12 +67,13 @@ def test_the_sft_anchor_trains_the_same_from_the_cache(runs, tmp_path):
     recomputed, cached = ([r for r in metrics(tmp_path / name) if "loss" in r] for name in ("recomputed", "cached"))
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in recomputed], rel=1e-4)
     assert [r["sft"] for r in cached] == pytest.approx([r["sft"] for r in recomputed], rel=1e-4)
-    assert [r["anchor"] for r in cached] == pytest.approx([r["anchor"] for r in recomputed], rel=1e-4, abs=1e-12)
+    assert [r["anchor"] for r in cached] == pytest.approx([r["anchor"] for r in recomputed], rel=1e-4, abs=1e-10)
     # the loss is the preference's log 2 plus 10 x the sft loss at the first step (policy == reference: no anchor
-    # distance yet), and the policy leaves the reference after it
+    # distance yet, but for rounding: the policy's rows share a batch with the sft rows, the reference's do not), and
+    # the policy leaves the reference after it
     first = recomputed[0]
-    assert first["anchor"] == 0 and first["loss"] == pytest.approx(math.log(2) + 10 * first["sft"], rel=1e-5)
-    assert all(r["anchor"] > 0 for r in recomputed[1:])
+    assert first["anchor"] < 1e-9 and first["loss"] == pytest.approx(math.log(2) + 10 * first["sft"], rel=1e-5)
+    assert all(r["anchor"] > 1e3 * max(first["anchor"], 1e-12) for r in recomputed[1:])
     assert losses(tmp_path / "recomputed") != pytest.approx(losses(out["recomputed"]), rel=1e-3)
 
 
