@@ -195,16 +195,15 @@ def main(args):
 
     # 3. Base against aligned on held-out prompt combinations, the same noise for both
     aligned = shapes_eval.load_pipeline(args.model, lora_path=out)
-    groups = {
-        "held-out two-object": [str(p) for p in shapes.heldout_prompts()],
+    groups = {  # name: (prompts, samples per prompt)
+        "held-out two-object": ([str(p) for p in shapes.heldout_prompts()], args.eval_seeds),
         # a quarter of the 432 the pairs came from (new seeds): most of the grammar's two-object prompts are these
-        "train two-object (every 4th)": [str(p) for p in shapes.train_prompts(2)][::4],
-        "single-object": [str(p) for p in shapes.train_prompts(1)],
+        "train two-object (every 4th)": ([str(p) for p in shapes.train_prompts(2)][::4], args.train_eval_seeds),
+        "single-object": ([str(p) for p in shapes.train_prompts(1)], args.eval_seeds),
     }
     table, grids = {}, {}
-    for group, prompts in groups.items():
+    for group, (prompts, seeds) in groups.items():
         prompts = prompts[: args.max_eval_prompts]
-        seeds = args.train_eval_seeds if group.startswith("train") else args.eval_seeds
         base_images, base_results = shapes_eval.sample_and_score(base, prompts, seeds, seed=10_000)
         new_images, new_results = shapes_eval.sample_and_score(aligned, prompts, seeds, seed=10_000)
         table[group] = {"base": summary(base_results), "aligned": summary(new_results, base_results)}

@@ -546,21 +546,17 @@ def with_winner_sft(
 
     With ``anchor_weight`` (and ``reference``) it adds ``anchor_weight`` times ``reference_anchor_loss`` too, drawn
     after the sft term: one reference call without grad on B rows, and B more rows in the sft term's policy call."""
-    rows, weights, names = [], [], []
+    terms = []  # (name, weight, rows), drawn in this order
     if cfg.sft_weight:
-        rows.append(_sft_rows(z0, cond, null_cond, cfg))
-        weights.append(cfg.sft_weight)
-        names.append("sft")
+        terms.append(("sft", cfg.sft_weight, _sft_rows(z0, cond, null_cond, cfg)))
     if cfg.anchor_weight:
-        rows.append(_anchor_rows(reference, z0, cond, null_cond, cfg))
-        weights.append(cfg.anchor_weight)
-        names.append("anchor")
-    losses = _winner_losses(policy, rows, cfg) if rows else []
+        terms.append(("anchor", cfg.anchor_weight, _anchor_rows(reference, z0, cond, null_cond, cfg)))
+    if not terms:
+        return objective()
+    losses = _winner_losses(policy, [rows for _, _, rows in terms], cfg)
     out = objective()
-    if not rows:
-        return out
-    logs = {**out.logs, **{name: loss.detach().mean() for name, loss in zip(names, losses)}}
-    term = sum(w * loss for w, loss in zip(weights, losses))
+    logs = {**out.logs, **{name: loss.detach().mean() for (name, _, _), loss in zip(terms, losses)}}
+    term = sum(weight * loss for (_, weight, _), loss in zip(terms, losses))
     if out.grad_chunks is None:
         return ObjectiveOutput(out.loss + term, out.margin, logs)
     return ObjectiveOutput(out.loss + term.detach(), out.margin, logs, out.grad_chunks + [lambda: term])
