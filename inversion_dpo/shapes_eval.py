@@ -104,6 +104,44 @@ def outcome(result: "shapes.ScoreResult") -> str:
     return "relation" if all(result.object_present) and result.no_extra else "objects"
 
 
+FAILURE_KINDS = ("pass", "relation", "colours swapped", "colour", "shape", "missing", "extra")
+
+
+def failure_kind(result: "shapes.ScoreResult") -> str:
+    """What one scored sample got wrong, the first that applies of ``FAILURE_KINDS``: ``pass``; ``relation`` (every
+    object right, nothing extra, only the order wrong); ``colours swapped`` (two objects of different colours and
+    shapes drawn each with the other's colour, nothing else); ``extra`` (more objects than the prompt names);
+    otherwise the first wrong object of the prompt: ``colour`` (its shape is drawn in another colour), ``shape`` (its
+    colour is drawn as another shape) or ``missing``, among the objects that match none of the prompt's."""
+    if result.passed:
+        return "pass"
+    objects, found = result.prompt.objects, {(d.color, d.shape) for d in result.detections}
+    if all(result.object_present) and result.no_extra:
+        return "relation"
+    if len(objects) == 2 and len(result.detections) == 2:
+        a, b = objects
+        if a.color != b.color and a.shape != b.shape and found == {(b.color, a.shape), (a.color, b.shape)}:
+            return "colours swapped"
+    if not result.no_extra:
+        return "extra"
+    obj = next(o for o, ok in zip(objects, result.object_present) if not ok)
+    others = found - {(o.color, o.shape) for o, ok in zip(objects, result.object_present) if ok}
+    if any(shape == obj.shape for _, shape in others):
+        return "colour"
+    if any(color == obj.color for color, _ in others):
+        return "shape"
+    return "missing"
+
+
+def failure_counts(results) -> Dict[str, int]:
+    """``{kind: count}`` over ``FAILURE_KINDS`` for a list of results per prompt (as ``sample_and_score`` returns)."""
+    counts = dict.fromkeys(FAILURE_KINDS, 0)
+    for rs in results:
+        for r in rs:
+            counts[failure_kind(r)] += 1
+    return counts
+
+
 def transitions(base_results, new_results) -> Dict[str, Dict[str, int]]:
     """How each sample's outcome changed between two models sampled on the same noise (lists per prompt, as
     ``sample_and_score`` returns): ``{base outcome: {new outcome: count}}``. A preference adapter that moves only

@@ -18,6 +18,25 @@ torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def random_lora(model_dir, folder, scale=0.5):
+    """A LoRA for the SD model at ``model_dir`` with random up-projections (std ``scale``), so that it changes the
+    model's images, saved as diffusers saves one; returns ``folder``."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from inversion_dpo.training import LORA_TARGET_MODULES, lora_state_dict_of
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=lora_state_dict_of(unet))
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny randomly initialised Stable Diffusion saved as a diffusers folder (loads like a Hub model)."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, random_lora
 from PIL import Image
 
 from inversion_dpo.data import DataError
@@ -34,21 +34,7 @@ def scorer_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(tiny_sd_dir, tmp_path_factory):
     """A LoRA with random up-projections: it changes the tiny model's images."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-
-    from inversion_dpo.training import LORA_TARGET_MODULES, lora_state_dict_of
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    folder = str(tmp_path_factory.mktemp("adapter") / "lora")
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state_dict_of(unet))
-    return folder
+    return random_lora(tiny_sd_dir, tmp_path_factory.mktemp("adapter") / "lora")
 
 
 def test_clip_scores_are_one_cosine_at_three_scales(scorer_models):

@@ -242,3 +242,28 @@ def test_transitions_count_each_samples_change_by_kind_of_failure():
     assert sum(n for row in table.values() for n in row.values()) == 3
     with pytest.raises(ValueError):  # the two models must have been sampled alike
         transitions(before, [[right], [missing]])
+
+
+def test_failure_kind_names_what_a_sample_got_wrong():
+    from inversion_dpo.shapes_eval import FAILURE_KINDS, failure_counts, failure_kind
+
+    g = np.random.default_rng(11)
+    expected = {"color": "colour", "shape": "shape", "missing": "missing", "relation": "relation", "extra": "extra"}
+    for kind, name in expected.items():
+        prompts = [p for p in _prompts(200, seed=11) if kind != "relation" or len(p.objects) == 2][:80]
+        got = [failure_kind(S.score(S.render_wrong(p, g, kind), p)) for p in prompts]
+        assert _rate([k == name for k in got]) >= 0.95, (kind, got)
+    # each object drawn in the other's colour: a binding failure, not two wrong objects
+    two = [p for p in S.all_prompts(2) if len({o.color for o in p.objects}) == len({o.shape for o in p.objects}) == 2]
+    swapped = []
+    for p in [two[i] for i in g.choice(len(two), 80, replace=False)]:
+        a, b = S.sample_layout(p, g)
+        image = S.draw([
+            S.Placement(S.SceneObject(b.obj.color, a.obj.shape), a.cx, a.cy, a.size),
+            S.Placement(S.SceneObject(a.obj.color, b.obj.shape), b.cx, b.cy, b.size),
+        ])  # fmt: skip
+        swapped.append(S.score(image, p))
+    assert _rate([failure_kind(r) == "colours swapped" for r in swapped]) >= 0.95
+    assert failure_kind(S.score(S.render(two[0], g), two[0])) == "pass"
+    counts = failure_counts([swapped[:3], swapped[3:5]])
+    assert list(counts) == list(FAILURE_KINDS) and sum(counts.values()) == 5
