@@ -72,11 +72,9 @@ def main(args):
         "| kind | " + " | ".join(f"{g}: {m}" for g, m in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
+    totals = {col: sum(counts[col].values()) for col in columns}
     for kind in shapes_eval.FAILURE_KINDS:
-        cells = []
-        for col in columns:
-            total = sum(counts[col].values())
-            cells.append(f"{counts[col][kind]} ({100 * counts[col][kind] / total:.1f}%)")
+        cells = [f"{counts[col][kind]} ({100 * counts[col][kind] / totals[col]:.1f}%)" for col in columns]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)

@@ -113,11 +113,10 @@ def failure_kind(result: "shapes.ScoreResult") -> str:
     shapes drawn each with the other's colour, nothing else); ``extra`` (more objects than the prompt names);
     otherwise the first wrong object of the prompt: ``colour`` (its shape is drawn in another colour), ``shape`` (its
     colour is drawn as another shape) or ``missing``, among the objects that match none of the prompt's."""
-    if result.passed:
-        return "pass"
+    kind = outcome(result)
+    if kind != "objects":
+        return kind
     objects, found = result.prompt.objects, {(d.color, d.shape) for d in result.detections}
-    if all(result.object_present) and result.no_extra:
-        return "relation"
     if len(objects) == 2 and len(result.detections) == 2:
         a, b = objects
         if a.color != b.color and a.shape != b.shape and found == {(b.color, a.shape), (a.color, b.shape)}:
