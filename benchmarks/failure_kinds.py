@@ -35,6 +35,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.held_images, args.train_every, args.train_images, args.steps) < 1:
         p.error("--held_images, --train_every, --train_images and --steps must be at least 1")
+    args.names = [os.path.basename(os.path.normpath(a)) for a in args.adapters]  # the table's column names
+    taken = ["base"]
+    for name in args.names:
+        if name in taken:
+            p.error(f"--adapters: two columns would be named '{name}' (give folders with different last names)")
+        taken.append(name)
     return args
 
 
@@ -55,7 +61,7 @@ def main(args):
             args.train_images,
         ),
     }
-    models = {"base": None, **{os.path.basename(os.path.normpath(a)) or a: a for a in args.adapters}}
+    models = {"base": None, **dict(zip(args.names, args.adapters))}
     counts = {}  # (group, model) -> {kind: n}
     for name, adapter in models.items():
         pipe = shapes_eval.load_pipeline(args.model, lora_path=adapter)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, random_lora
 
 
@@ -31,9 +32,17 @@ def test_failure_kinds_counts_every_sample_of_base_and_adapter(tmp_path):
     assert totals == [6, 6, 3, 3]  # 3 prompts x 2 samples held-out, 3 x 1 train: each sample once
 
 
-def test_failure_kinds_rejects_zero_samples():
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--held_images", "0"], "must be at least 1"),
+        (["--adapters", "runs/seed1/checkpoint-300", "runs/seed2/checkpoint-300"], "named 'checkpoint-300'"),
+        (["--adapters", "runs/base"], "named 'base'"),
+    ],
+)
+def test_failure_kinds_rejects_bad_flags_in_one_line(flags, message):
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "failure_kinds.py"), "--held_images", "0"],
+        [sys.executable, os.path.join(REPO, "benchmarks", "failure_kinds.py"), *flags],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2 and "must be at least 1" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
