@@ -20,7 +20,7 @@ inside (as the diffusers SD1.5 DPO example does): beta 5000 here means what ``--
 ``accuracy``. With policy == reference every margin is exactly 0 and the sigmoid loss is log 2.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -527,8 +527,11 @@ def _winner_losses(policy: Denoiser, rows: List[_WinnerRows], cfg: ObjectiveConf
 
 
 def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
-    """Supervised fine-tuning on the winners only (``winner_sft_loss``)."""
-    return ObjectiveOutput(winner_sft_loss(policy, z0, cond, null_cond, cfg))
+    """Supervised fine-tuning on the winners only (``winner_sft_loss``), plus ``anchor_weight`` times the reference
+    anchor when set: the pair objectives' two terms on the winners (``with_winner_sft``, the sft term at weight 1)
+    without a preference term, with the same draws and one policy call."""
+    no_preference = lambda: ObjectiveOutput(z0.new_zeros(z0.shape[0] // 2))  # noqa: E731
+    return with_winner_sft(no_preference, policy, z0, cond, null_cond, replace(cfg, sft_weight=1.0), reference)
 
 
 def with_winner_sft(

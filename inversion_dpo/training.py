@@ -162,10 +162,10 @@ def build_parser(description: str, default_resolution: int) -> argparse.Argument
         "--anchor_weight",
         type=float,
         default=0.0,
-        help="Pair objectives: add this times the policy's squared distance to the reference (the frozen model) on "
-        "the winners at t < --anchor_max_timestep, fresh noise: it keeps the levels the --sft_weight term does not "
-        "train where they were, since one LoRA serves every level. One more policy call with grad and one reference "
-        "call per pair. 0: off.",
+        help="Add this times the policy's squared distance to the reference (the frozen model) on the winners at "
+        "t < --anchor_max_timestep, fresh noise: it keeps the levels the --sft_weight term (or the sft objective) does "
+        "not train where they were, since one LoRA serves every level. One more policy call with grad and one "
+        "reference call per pair. 0: off.",
     )
     g.add_argument(
         "--anchor_max_timestep",
@@ -358,8 +358,6 @@ def check_args(args):
         raise SystemExit(f"error: --anchor_weight must be at least 0, got {args.anchor_weight:g}")
     if args.anchor_max_timestep is None:
         args.anchor_max_timestep = args.sft_min_timestep
-    if args.anchor_weight and args.objective == "sft":
-        raise SystemExit("error: --anchor_weight is a term of the pair objectives; --objective sft has no reference")
     if args.anchor_weight and args.anchor_max_timestep < 1:
         raise SystemExit(
             "error: --anchor_weight needs --anchor_max_timestep (or --sft_min_timestep) above 0: the levels to keep"
@@ -787,7 +785,7 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
         settings += (
             f", + {args.anchor_weight:g} x distance to the reference on the winners at t < {args.anchor_max_timestep}"
         )
-        if not args.sft_weight:
+        if not (args.sft_weight or objective == "sft"):
             settings += f", caption dropout {args.sft_caption_dropout:g}"
     sample_lines = ""
     if samples:
@@ -1204,6 +1202,8 @@ def train(args, accelerator, arch: Architecture, data):
             z0 = encode_latents(arch.vae, batch["pixel_values"])
             cond, null_cond = arch.encode_conditioning(batch, device)
         pair_objective = lambda: objective(policy, reference, z0, cond, null_cond, cfg)  # noqa: E731
+        if args.objective == "sft":  # the winners' terms are the objective itself
+            return pair_objective()
         return with_winner_sft(pair_objective, policy, z0, cond, null_cond, cfg, reference)
 
     if accelerator.is_main_process:

@@ -614,6 +614,38 @@ def test_the_sft_and_anchor_rows_share_one_policy_call_and_keep_their_values():
     assert torch.allclose(mixed.loss, 3.0 * sft_alone + 7.0 * anchor_alone)
 
 
+def test_the_sft_objective_with_the_anchor_is_the_pair_recipes_terms_without_the_preference():
+    # benchmarks/shapes_seeds.py's no_preference variant: the sft objective with --anchor_weight a / w must train what
+    # a pair objective's --sft_weight w --anchor_weight a terms train, scaled by 1 / w, with the same draws
+    from inversion_dpo.objectives import OBJECTIVES, ObjectiveOutput, with_winner_sft
+
+    z0, cond, null = pair_batch()
+    model = moved_model()
+    recipe = make_cfg(sft_weight=300.0, sft_min_timestep=600, sft_caption_dropout=0.5, anchor_weight=30000.0,
+                      anchor_max_timestep=600)  # fmt: skip
+    none = ObjectiveOutput(torch.zeros(z0.shape[0] // 2), torch.zeros(z0.shape[0] // 2))
+    torch.manual_seed(0)
+    terms = with_winner_sft(lambda: none, model.policy, z0, cond, null, recipe, model.reference)
+    calls = []
+
+    def policy(x, t, c):
+        calls.append(x.shape[0])
+        return model.policy(x, t, c)
+
+    alone = make_cfg(sft_min_timestep=600, sft_caption_dropout=0.5, anchor_weight=100.0, anchor_max_timestep=600)
+    torch.manual_seed(0)
+    out = OBJECTIVES["sft"](policy, model.reference, z0, cond, null, alone)
+    assert calls == [z0.shape[0]]  # the sft and anchor rows in one call, as in the pair objectives
+    assert torch.allclose(300.0 * out.loss, terms.loss, rtol=1e-5)
+    assert torch.allclose(out.logs["anchor"], terms.logs["anchor"]) and out.margin is None
+    model.D.grad = None
+    (300.0 * out.loss.mean()).backward()
+    g_alone = model.D.grad.clone()
+    model.D.grad = None
+    terms.loss.mean().backward()
+    assert torch.allclose(g_alone, model.D.grad, rtol=1e-5)
+
+
 def test_sft_flags_that_cannot_work_are_refused():
     # the sft loss's flags act on the sft objective, or on a pair objective's --sft_weight term; set without either,
     # a run would train something else than asked without a word
@@ -628,7 +660,6 @@ def test_sft_flags_that_cannot_work_are_refused():
         (["--sft_weight", "1", "--sft_caption_dropout", "1"], r"--sft_caption_dropout must be in \[0, 1\)"),
         (["--anchor_weight", "10"], "--anchor_weight needs --anchor_max_timestep"),
         (["--anchor_weight", "-1"], "--anchor_weight must be at least 0"),
-        (["--objective", "sft", "--anchor_weight", "1", "--sft_min_timestep", "600"], "sft has no reference"),
     ]:
         with pytest.raises(SystemExit, match=message):
             parse_args(base + extra)
