@@ -9,6 +9,17 @@ base and every adapter, on the same noise, on the held-out two-object prompts at
 (``--eval_seeds``, ``--eval_images`` samples per prompt from each) and on all 432 train two-object prompts (one
 sample each, from ``--train_prompt_seed``), the prompts the pairs came from. Runs and evaluations already done are
 reused. Writes ``results.jsonl`` and ``table.md``.
+
+``--variants`` swaps the preference term of the recipe and keeps everything else (pairs, steps, batch, lr, beta, the
+sft and anchor terms and their draws), to tell what the preference term adds:
+
+    python benchmarks/shapes_seeds.py --output_dir bench_out/recipe --pairs demo_output/pairs.parquet \
+        --variants inversion_dpo diffusion_dpo no_preference --eval_seeds 50000 --eval_images 4 \
+        --train_prompt_seed 50000 --eval_steps 50 --eval_guidance 7.5
+
+``no_preference`` is the sft objective with the anchor at the recipe's ratio (``--anchor_weight`` / ``--sft_weight``)
+and ``--max_grad_norm`` divided by ``--sft_weight``: the loss and the clip scaled by the same factor, which leaves
+Adam's update as it was, so it trains the recipe's two terms on the winners exactly, without the preference term.
 """
 
 import argparse
@@ -22,6 +33,32 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+
+from inversion_dpo.shapes_eval import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+
+
+def flag_value(flags, name):
+    return float(flags[len(flags) - 1 - flags[::-1].index(name) + 1])  # the last one given wins, as in argparse
+
+
+def variant_flags(variant, train_args):
+    """Flags that turn the recipe ``train_args`` into ``variant`` (appended after it: later flags win)."""
+    if variant == "inversion_dpo":
+        return []
+    if variant in ("diffusion_dpo", "inpo"):
+        return ["--objective", variant]
+    sft_weight, anchor = flag_value(train_args, "--sft_weight"), flag_value(train_args, "--anchor_weight")
+    clip = flag_value(train_args, "--max_grad_norm") if "--max_grad_norm" in train_args else 1.0
+    return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", f"{anchor / sft_weight:g}",
+            "--max_grad_norm", repr(clip / sft_weight)]  # fmt: skip
+
+
+VARIANTS = ("inversion_dpo", "diffusion_dpo", "inpo", "no_preference")
+
+
+def run_name(variant, seed):
+    # the demo's own recipe keeps its earlier name, so that its results are reused
+    return f"seed {seed}" if variant == "inversion_dpo" else f"{variant} seed {seed}"
 
 
 def parse_args(argv=None):
@@ -37,6 +74,15 @@ def parse_args(argv=None):
     p.add_argument("--max_train_steps", type=int, default=None, help="Instead of the demo's (its TRAIN_ARGS).")
     p.add_argument("--max_eval_prompts", type=int, default=None, help="Evaluate on the first N prompts of each set.")
     p.add_argument("--train_args", default="", help="Extra flags for train_inversion_dpo.py, quoted.")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["inversion_dpo"],
+        choices=list(VARIANTS),
+        help="The recipe's preference term: as the demo trains it, another pair objective, or none (see above).",
+    )
+    p.add_argument("--eval_steps", type=int, default=DEFAULT_STEPS, help="DDIM steps of every sample (stock: 50).")
+    p.add_argument("--eval_guidance", type=float, default=DEFAULT_GUIDANCE, help="Guidance scale (stock: 7.5).")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Torch threads of training and sampling.")
     return p.parse_args(argv)
 
@@ -61,8 +107,13 @@ def main(args):
     ]
     if not args.no_train_prompts:
         groups.append(("train", [str(p) for p in shapes.train_prompts(2)][first], 1, args.train_prompt_seed))
-    # a set's name says what it holds, so that results of other sizes are never reused for it
-    sets = {f"{group} {len(prompts)} x {n}, seeds {seed}-": (prompts, n, seed) for group, prompts, n, seed in groups}
+    # a set's name says what it holds, so that results of other sizes or settings are never reused for it
+    settings = (args.eval_steps, args.eval_guidance)
+    sampler = (
+        "" if settings == (DEFAULT_STEPS, DEFAULT_GUIDANCE) else f", {settings[0]} steps, guidance {settings[1]:g}"
+    )
+    sets = {f"{group} {len(prompts)} x {n}, seeds {seed}-{sampler}": (prompts, n, seed)
+            for group, prompts, n, seed in groups}  # fmt: skip
     results_path = os.path.join(args.output_dir, "results.jsonl")
     done = load_results(results_path, ("run", "set"))
 
@@ -70,7 +121,9 @@ def main(args):
         for name, (prompts, n, seed) in sets.items():
             if (run, name) in done:
                 continue
-            _, results = shapes_eval.sample_and_score(pipe, prompts, n, seed=seed)
+            _, results = shapes_eval.sample_and_score(
+                pipe, prompts, n, seed=seed, steps=args.eval_steps, guidance=args.eval_guidance
+            )
             flat = [r for rs in results for r in rs]
             done[(run, name)] = {"run": run, "set": name, "passed": [bool(r.passed) for r in flat],
                                  "both": [all(r.object_present) for r in flat]}  # fmt: skip
@@ -81,31 +134,43 @@ def main(args):
     evaluate("base")
     steps = [] if args.max_train_steps is None else ["--max_train_steps", str(args.max_train_steps)]
     train_args = " ".join([*demo.TRAIN_ARGS, *steps, args.train_args])
-    for seed in args.seeds:
-        run_dir = os.path.join(args.output_dir, "runs", f"seed{seed}")
-        # the objectives benchmark's trainer, with the demo's flags; its own step budget and checkpoints give way to
-        # the demo's (TRAIN_ARGS names both, and the later flag wins)
-        flags = argparse.Namespace(model=args.model, threads=args.threads, max_train_steps=150, eval_every=1000,
-                                   train_args=train_args)  # fmt: skip
-        # one reference-side cache for every seed: the same pairs and the same base
-        cache = ["--inversion_cache", os.path.join(args.output_dir, "inversion_cache")]
-        train(flags, "demo", seed, pairs, run_dir, run_flags=cache)
-        shapes_eval.load_adapter(pipe, run_dir)
-        evaluate(f"seed {seed}")
-        pipe.unload_lora_weights()
+    recipe = train_args.split()
+    for variant in args.variants:
+        for seed in args.seeds:
+            folder = f"seed{seed}" if variant == "inversion_dpo" else f"{variant}-seed{seed}"
+            run_dir = os.path.join(args.output_dir, "runs", folder)
+            # the objectives benchmark's trainer, with the demo's flags; its own step budget and checkpoints give way
+            # to the demo's (TRAIN_ARGS names both, and the later flag wins)
+            flags = argparse.Namespace(model=args.model, threads=args.threads, max_train_steps=150, eval_every=1000,
+                                       train_args=" ".join(recipe + variant_flags(variant, recipe)))  # fmt: skip
+            # one reference-side cache for every seed: the same pairs and the same base (Inversion-DPO's only)
+            cache = ["--inversion_cache", os.path.join(args.output_dir, "inversion_cache")]
+            train(flags, variant, seed, pairs, run_dir, run_flags=cache if variant == "inversion_dpo" else [])
+            shapes_eval.load_adapter(pipe, run_dir)
+            evaluate(run_name(variant, seed))
+            pipe.unload_lora_weights()
 
     header = " | ".join(sets)
     lines = [f"Pairs `{pairs}`; demo.py's recipe{' + `' + args.train_args + '`' if args.train_args else ''}; "
              f"full-prompt accuracy (in parentheses: the share of samples with both objects right).", "",
              f"| model | {header} |", "|---|" + "---|" * len(sets)]  # fmt: skip
-    runs = ["base"] + [f"seed {s}" for s in args.seeds]
-    for run in runs:
+
+    def row(run):
         cells = [f"{np.mean(done[(run, name)]['passed']):.1%} ({np.mean(done[(run, name)]['both']):.0%})"
                  for name in sets]  # fmt: skip
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    gains = [np.mean([np.mean(done[(f"seed {s}", name)]["passed"]) for s in args.seeds])
-             - np.mean(done[("base", name)]["passed"]) for name in sets]  # fmt: skip
-    lines.append("| mean gain over training seeds | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |")
+
+    row("base")
+    for variant in args.variants:
+        runs = [run_name(variant, s) for s in args.seeds]
+        for run in runs:
+            row(run)
+        gains = [np.mean([np.mean(done[(run, name)]["passed"]) for run in runs])
+                 - np.mean(done[("base", name)]["passed"]) for name in sets]  # fmt: skip
+        label = "" if args.variants == ["inversion_dpo"] else f" ({variant})"
+        lines.append(
+            f"| mean gain over training seeds{label} | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |"
+        )
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:

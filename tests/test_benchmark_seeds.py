@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -42,7 +43,45 @@ def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp
 
     again = run(out, pairs)  # everything done is reused: no training, no sampling
     assert again.returncode == 0, again.stderr[-3000:]
-    assert ": accuracy" not in again.stdout and "train demo" not in again.stdout
+    assert ": accuracy" not in again.stdout and "train inversion_dpo seed" not in again.stdout
     with open(out / "results.jsonl") as f:
         assert len(f.readlines()) == 9
     assert (out / "table.md").read_text() == table
+
+
+def test_recipe_variants_swap_only_the_preference_term(tmp_path):
+    # --variants: the demo's recipe with Diffusion-DPO in place of Inversion-DPO, and with no preference term (the sft
+    # objective and the anchor at the recipe's ratio); each run tabulated under its name, sampled as asked
+    import demo
+    from inversion_dpo import shapes_eval, shapes_pairs
+
+    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
+    pairs = tmp_path / "pairs.parquet"
+    assert shapes_pairs.make_pairs(pipe, 4, 3, str(pairs), seed=0, steps=4)["pairs"] > 0
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
+         str(pairs), "--seeds", "0", "--variants", "diffusion_dpo", "no_preference", "--eval_seeds", "10000",
+         "--eval_images", "1", "--max_eval_prompts", "1", "--no_train_prompts", "--eval_steps", "5",
+         "--eval_guidance", "3", "--max_train_steps", "2", "--train_args", "--train_batch_size 2", "--threads", "1"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def metrics(folder):
+        with open(out / "runs" / folder / "logs" / "metrics.jsonl") as f:
+            return [r for r in map(json.loads, f) if "step_seconds" in r]
+
+    assert all("margin" in r for r in metrics("diffusion_dpo-seed0"))
+    sft_weight = float(demo.TRAIN_ARGS[demo.TRAIN_ARGS.index("--sft_weight") + 1])
+    anchor = float(demo.TRAIN_ARGS[demo.TRAIN_ARGS.index("--anchor_weight") + 1])
+    alone = metrics("no_preference-seed0")
+    assert len(alone) == 2 and all("margin" not in r for r in alone)
+    for r in alone:  # the loss is the two terms at the recipe's ratio, nothing else
+        assert r["loss"] == pytest.approx(r["sft"] + anchor / sft_weight * r["anchor"], rel=1e-5)
+    assert alone[0]["grad_norm"] > 0
+    table = (out / "table.md").read_text()
+    assert "held-out 1 x 1, seeds 10000-, 5 steps, guidance 3" in table.splitlines()[2]
+    rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")}
+    assert {"base", "diffusion_dpo seed 0", "no_preference seed 0"} <= rows
+    assert {"mean gain over training seeds (diffusion_dpo)", "mean gain over training seeds (no_preference)"} <= rows
