@@ -93,6 +93,7 @@ def main(args):
 
     import demo
     from inversion_dpo import shapes, shapes_eval
+    from inversion_dpo.report import mean_interval
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -171,6 +172,17 @@ def main(args):
         lines.append(
             f"| mean gain over training seeds{label} | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |"
         )
+
+    def per_sample(variant, name):  # each sample's pass rate over the training seeds
+        return np.mean([done[(run_name(variant, s), name)]["passed"] for s in args.seeds], axis=0)
+
+    for variant in [v for v in args.variants if v != "inversion_dpo"] if "inversion_dpo" in args.variants else []:
+        # paired on the same prompts and noise; the interval counts the samples' spread, not the training seeds'
+        cells = []
+        for name in sets:
+            mean, low, high = mean_interval(list(per_sample(variant, name) - per_sample("inversion_dpo", name)))
+            cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points")
+        lines.append(f"| {variant} - inversion_dpo, paired [95% CI] | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:

@@ -61,8 +61,8 @@ def test_recipe_variants_swap_only_the_preference_term(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
-         str(pairs), "--seeds", "0", "--variants", "diffusion_dpo", "no_preference", "--eval_seeds", "10000",
-         "--eval_images", "1", "--max_eval_prompts", "1", "--no_train_prompts", "--eval_steps", "5",
+         str(pairs), "--seeds", "0", "--variants", "inversion_dpo", "diffusion_dpo", "no_preference", "--eval_seeds",
+         "10000", "--eval_images", "2", "--max_eval_prompts", "2", "--no_train_prompts", "--eval_steps", "5",
          "--eval_guidance", "3", "--max_train_steps", "2", "--train_args", "--train_batch_size 2", "--threads", "1"],
         capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )  # fmt: skip
@@ -81,7 +81,18 @@ def test_recipe_variants_swap_only_the_preference_term(tmp_path):
         assert r["loss"] == pytest.approx(r["sft"] + anchor / sft_weight * r["anchor"], rel=1e-5)
     assert alone[0]["grad_norm"] > 0
     table = (out / "table.md").read_text()
-    assert "held-out 1 x 1, seeds 10000-, 5 steps, guidance 3" in table.splitlines()[2]
-    rows = {line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ")}
-    assert {"base", "diffusion_dpo seed 0", "no_preference seed 0"} <= rows
-    assert {"mean gain over training seeds (diffusion_dpo)", "mean gain over training seeds (no_preference)"} <= rows
+    name = "held-out 2 x 2, seeds 10000-, 5 steps, guidance 3"
+    assert name in table.splitlines()[2]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"base", "seed 0", "diffusion_dpo seed 0", "no_preference seed 0"} <= set(rows)
+    assert {"mean gain over training seeds (diffusion_dpo)", "mean gain over training seeds (no_preference)"} <= set(
+        rows
+    )
+    # each variant against the recipe, paired on the same samples
+    with open(out / "results.jsonl") as f:
+        passed = {(r["run"], r["set"]): r["passed"] for r in map(json.loads, f)}
+    assert len(passed[("seed 0", name)]) == 4
+    diff = sum(passed[("no_preference seed 0", name)]) - sum(passed[("seed 0", name)])
+    assert (
+        rows["no_preference - inversion_dpo, paired [95% CI]"].split(" | ")[1].startswith(f"{100 * diff / 4:+.1f} [")
+    )
