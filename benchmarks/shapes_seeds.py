@@ -48,6 +48,8 @@ def variant_flags(variant, train_args):
     if variant in ("diffusion_dpo", "inpo"):
         return ["--objective", variant]
     sft_weight, anchor = flag_value(train_args, "--sft_weight"), flag_value(train_args, "--anchor_weight")
+    if sft_weight <= 0:
+        raise SystemExit("error: --variants no_preference trains the recipe's sft term alone; its --sft_weight is 0")
     clip = flag_value(train_args, "--max_grad_norm") if "--max_grad_norm" in train_args else 1.0
     return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", f"{anchor / sft_weight:g}",
             "--max_grad_norm", repr(clip / sft_weight)]  # fmt: skip

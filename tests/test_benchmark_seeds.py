@@ -96,3 +96,16 @@ def test_recipe_variants_swap_only_the_preference_term(tmp_path):
     assert (
         rows["no_preference - inversion_dpo, paired [95% CI]"].split(" | ")[1].startswith(f"{100 * diff / 4:+.1f} [")
     )
+
+
+def test_no_preference_needs_the_recipes_sft_term():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from shapes_seeds import variant_flags
+
+    import demo
+
+    flags = variant_flags("no_preference", demo.TRAIN_ARGS + ["--max_grad_norm", "2"])
+    assert flags[flags.index("--objective") + 1] == "sft" and flags[flags.index("--sft_weight") + 1] == "0"
+    assert float(flags[flags.index("--max_grad_norm") + 1]) == pytest.approx(2 / 300)
+    with pytest.raises(SystemExit, match="its --sft_weight is 0"):
+        variant_flags("no_preference", demo.TRAIN_ARGS + ["--sft_weight", "0"])
