@@ -19,7 +19,8 @@ sft and anchor terms and their draws), to tell what the preference term adds:
 
 ``no_preference`` is the sft objective with the anchor at the recipe's ratio (``--anchor_weight`` / ``--sft_weight``)
 and ``--max_grad_norm`` divided by ``--sft_weight``: the loss and the clip scaled by the same factor, which leaves
-Adam's update as it was, so it trains the recipe's two terms on the winners exactly, without the preference term.
+Adam's update as it was (up to its epsilon), so it trains the recipe's two terms on the winners, without the
+preference term.
 """
 
 import argparse
@@ -51,7 +52,7 @@ def variant_flags(variant, train_args):
     if sft_weight <= 0:
         raise SystemExit("error: --variants no_preference trains the recipe's sft term alone; its --sft_weight is 0")
     clip = flag_value(train_args, "--max_grad_norm") if "--max_grad_norm" in train_args else 1.0
-    return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", f"{anchor / sft_weight:g}",
+    return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", repr(anchor / sft_weight),
             "--max_grad_norm", repr(clip / sft_weight)]  # fmt: skip
 
 
