@@ -38,22 +38,22 @@ sys.path.insert(0, os.path.join(HERE, "benchmarks"))
 from inversion_dpo.shapes_eval import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 
 
-def flag_value(flags, name):
-    return float(flags[len(flags) - 1 - flags[::-1].index(name) + 1])  # the last one given wins, as in argparse
-
-
 def variant_flags(variant, train_args):
     """Flags that turn the recipe ``train_args`` into ``variant`` (appended after it: later flags win)."""
     if variant == "inversion_dpo":
         return []
     if variant in ("diffusion_dpo", "inpo"):
         return ["--objective", variant]
-    sft_weight, anchor = flag_value(train_args, "--sft_weight"), flag_value(train_args, "--anchor_weight")
-    if sft_weight <= 0:
+    from inversion_dpo.training import build_parser
+
+    # the trainer's own parser reads the recipe: the last of a repeated flag wins, and unset flags take its defaults
+    recipe = build_parser("", 512).parse_args(
+        [*train_args, "--pretrained_model_name_or_path", "-", "--dataset_name", "-"]
+    )
+    if recipe.sft_weight <= 0:
         raise SystemExit("error: --variants no_preference trains the recipe's sft term alone; its --sft_weight is 0")
-    clip = flag_value(train_args, "--max_grad_norm") if "--max_grad_norm" in train_args else 1.0
-    return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", repr(anchor / sft_weight),
-            "--max_grad_norm", repr(clip / sft_weight)]  # fmt: skip
+    return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", repr(recipe.anchor_weight / recipe.sft_weight),
+            "--max_grad_norm", repr(recipe.max_grad_norm / recipe.sft_weight)]  # fmt: skip
 
 
 VARIANTS = ("inversion_dpo", "diffusion_dpo", "inpo", "no_preference")
@@ -164,22 +164,20 @@ def main(args):
                  for name in sets]  # fmt: skip
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
 
+    def per_sample(variant, name):  # each sample's pass rate over the training seeds
+        return np.mean([done[(run_name(variant, s), name)]["passed"] for s in args.seeds], axis=0)
+
     row("base")
     for variant in args.variants:
-        runs = [run_name(variant, s) for s in args.seeds]
-        for run in runs:
-            row(run)
-        gains = [np.mean([np.mean(done[(run, name)]["passed"]) for run in runs])
-                 - np.mean(done[("base", name)]["passed"]) for name in sets]  # fmt: skip
+        for seed in args.seeds:
+            row(run_name(variant, seed))
+        gains = [per_sample(variant, name).mean() - np.mean(done[("base", name)]["passed"]) for name in sets]
         label = "" if args.variants == ["inversion_dpo"] else f" ({variant})"
         lines.append(
             f"| mean gain over training seeds{label} | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |"
         )
-
-    def per_sample(variant, name):  # each sample's pass rate over the training seeds
-        return np.mean([done[(run_name(variant, s), name)]["passed"] for s in args.seeds], axis=0)
-
-    for variant in [v for v in args.variants if v != "inversion_dpo"] if "inversion_dpo" in args.variants else []:
+    others = [v for v in args.variants if v != "inversion_dpo"] if "inversion_dpo" in args.variants else []
+    for variant in others:
         # paired on the same prompts and noise; the interval counts the samples' spread, not the training seeds'
         cells = []
         for name in sets:

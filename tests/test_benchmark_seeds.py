@@ -10,6 +10,17 @@ import pytest
 from conftest import REPO
 
 
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A few pairs sampled from the committed base, shared by the tests here."""
+    from inversion_dpo import shapes_eval, shapes_pairs
+
+    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
+    path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"
+    assert shapes_pairs.make_pairs(pipe, 4, 3, str(path), seed=0, steps=4)["pairs"] > 0
+    return path
+
+
 def run(out, pairs):
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
@@ -19,12 +30,7 @@ def run(out, pairs):
     )  # fmt: skip
 
 
-def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp_path):
-    from inversion_dpo import shapes_eval, shapes_pairs
-
-    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
-    pairs = tmp_path / "pairs.parquet"
-    assert shapes_pairs.make_pairs(pipe, 4, 3, str(pairs), seed=0, steps=4)["pairs"] > 0
+def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp_path, pairs):
     out = tmp_path / "bench"
     proc = run(out, pairs)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,15 +55,11 @@ def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp
     assert (out / "table.md").read_text() == table
 
 
-def test_recipe_variants_swap_only_the_preference_term(tmp_path):
+def test_recipe_variants_swap_only_the_preference_term(tmp_path, pairs):
     # --variants: the demo's recipe with Diffusion-DPO in place of Inversion-DPO, and with no preference term (the sft
     # objective and the anchor at the recipe's ratio); each run tabulated under its name, sampled as asked
     import demo
-    from inversion_dpo import shapes_eval, shapes_pairs
 
-    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
-    pairs = tmp_path / "pairs.parquet"
-    assert shapes_pairs.make_pairs(pipe, 4, 3, str(pairs), seed=0, steps=4)["pairs"] > 0
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
