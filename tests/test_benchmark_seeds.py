@@ -21,18 +21,21 @@ def pairs(tmp_path_factory):
     return path
 
 
-def run(out, pairs):
+def run(out, pairs, *flags):
+    """The benchmark on ``pairs`` with 2 training steps of 2 pairs, one thread, and ``flags``."""
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
-         str(pairs), "--seeds", "0", "1", "--eval_seeds", "10000", "20000", "--eval_images", "1",
-         "--max_eval_prompts", "2", "--max_train_steps", "2", "--train_args", "--train_batch_size 2", "--threads", "1"],
+         str(pairs), "--max_train_steps", "2", "--train_args", "--train_batch_size 2", "--threads", "1", *flags],
         capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )  # fmt: skip
 
 
+SEEDS_RUN = ["--seeds", "0", "1", "--eval_seeds", "10000", "20000", "--eval_images", "1", "--max_eval_prompts", "2"]
+
+
 def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp_path, pairs):
     out = tmp_path / "bench"
-    proc = run(out, pairs)
+    proc = run(out, pairs, *SEEDS_RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for seed in (0, 1):
         assert os.path.exists(out / "runs" / f"seed{seed}" / "pytorch_lora_weights.safetensors")
@@ -47,7 +50,7 @@ def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp
     assert len(records) == 3 * 3  # base and two seeds, three sets each
     assert all(len(r["passed"]) == 2 for r in records)
 
-    again = run(out, pairs)  # everything done is reused: no training, no sampling
+    again = run(out, pairs, *SEEDS_RUN)  # everything done is reused: no training, no sampling
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": accuracy" not in again.stdout and "train inversion_dpo seed" not in again.stdout
     with open(out / "results.jsonl") as f:
@@ -61,12 +64,10 @@ def test_recipe_variants_swap_only_the_preference_term(tmp_path, pairs):
     import demo
 
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "shapes_seeds.py"), "--output_dir", str(out), "--pairs",
-         str(pairs), "--seeds", "0", "--variants", "inversion_dpo", "diffusion_dpo", "no_preference", "--eval_seeds",
-         "10000", "--eval_images", "2", "--max_eval_prompts", "2", "--no_train_prompts", "--eval_steps", "5",
-         "--eval_guidance", "3", "--max_train_steps", "2", "--train_args", "--train_batch_size 2", "--threads", "1"],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    proc = run(
+        out, pairs, "--seeds", "0", "--variants", "inversion_dpo", "diffusion_dpo", "no_preference", "--eval_seeds",
+        "10000", "--eval_images", "2", "--max_eval_prompts", "2", "--no_train_prompts", "--eval_steps", "5",
+        "--eval_guidance", "3",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
