@@ -10,11 +10,18 @@ combinations with fixed seeds (the base model on the same noise). Compute comes 
 ``step_seconds`` and the UNet rows it ran per pair, with grad (about 3 forward-equivalents: a forward and a
 backward) and without (1). Runs and evaluations already done are reused, so an interrupted benchmark continues.
 Writes ``results.jsonl`` (one line per checkpoint), ``table.md`` and ``curves.png``.
+
+A run label may carry flags of its own, quoted, after the shared ``--train_args`` and the label's (the later flag
+wins); the run is named and tabulated with them, as Diffusion-DPO at a beta of its own:
+
+    python benchmarks/shapes_objectives.py --runs diffusion_dpo "diffusion_dpo --beta_dpo 500"
 """
 
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,11 +47,60 @@ RUNS = {
 }
 
 
+def split_run(spec, known, what="run label"):
+    """``"diffusion_dpo --beta_dpo 500"`` -> ``("diffusion_dpo", ["--beta_dpo", "500"])``: a label among ``known`` and
+    flags of train_inversion_dpo.py that go after the label's own (the later flag wins), checked by the trainer's
+    parser, so that a typo stops the benchmark before it samples anything."""
+    from inversion_dpo.training import build_parser
+
+    words = shlex.split(spec)
+    if not words or words[0] not in known:
+        raise SystemExit(
+            f"error: unknown {what} {spec!r}; expected one of {list(known)}, optionally followed by trainer flags"
+        )
+    extra = words[1:]
+    _, unknown = build_parser("", 512).parse_known_args(
+        [*extra, "--pretrained_model_name_or_path", "-", "--dataset_name", "-"]
+    )
+    if unknown:
+        raise SystemExit(f"error: {what} {spec!r}: {unknown[0]!r} is not a flag of train_inversion_dpo.py")
+    return words[0], extra
+
+
+def run_name(spec) -> str:
+    """A run's name in results.jsonl and the table: its label and extra flags, single-spaced."""
+    return " ".join(shlex.split(spec))
+
+
+def run_folder(name) -> str:
+    """A run's folder name: ``inversion_dpo:x0:uniform`` -> ``inversion_dpo-x0-uniform``,
+    ``diffusion_dpo --beta_dpo 500`` -> ``diffusion_dpo-beta_dpo-500``."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
+
+
+def split_runs(specs, known, what="run label"):
+    """name -> (label, extra flags) for every spec, in order; two specs may not share a folder."""
+    runs, folders = {}, {}
+    for spec in specs:
+        name = run_name(spec)
+        runs[name] = split_run(spec, known, what)
+        other = folders.setdefault(run_folder(name), name)
+        if other != name:
+            raise SystemExit(f"error: {what}s {other!r} and {name!r} would share the folder {run_folder(name)!r}")
+    return runs
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.path.join(HERE, "models", "shapes-sd-tiny"))
     p.add_argument("--output_dir", default="bench_out/objectives")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), help=f"Labels among {list(RUNS)}.")
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        help=f"Labels among {list(RUNS)}, each optionally followed by its own trainer flags, quoted: "
+        "'diffusion_dpo --beta_dpo 500' (after --train_args and the label's flags: the later flag wins).",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pairs", default=None, help="A pairs parquet; made from the base model when not given.")
     p.add_argument("--pair_prompts", type=int, default=160)
@@ -67,8 +123,8 @@ def forward_equivalents(record) -> float:
     return 3 * record.get("unet_grad_evals_per_pair", 0.0) + record.get("unet_evals_per_pair", 0.0)
 
 
-def train(args, label, seed, pairs, run_dir, run_flags=None):
-    """One run of the real trainer; ``run_flags`` replaces the label's own flags (RUNS[label])."""
+def train(args, label, seed, pairs, run_dir, run_flags):
+    """One run of the real trainer: ``args.train_args``, then the run's own flags ``run_flags`` (the later flag wins)."""
     from inversion_dpo.training import cpu_launch_command
 
     if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
@@ -79,8 +135,8 @@ def train(args, label, seed, pairs, run_dir, run_flags=None):
     cmd[cmd.index("--cpu") + 1 : cmd.index("--cpu") + 1] = ["--num_cpu_threads_per_process", str(args.threads)]
     cmd += ["--pretrained_model_name_or_path", args.model, "--dataset_name", pairs, "--output_dir", run_dir,
             "--seed", str(seed), "--resolution", "32", "--max_train_steps", str(args.max_train_steps),
-            "--checkpointing_steps", str(args.eval_every), *args.train_args.split(),
-            *(RUNS[label] if run_flags is None else run_flags)]  # fmt: skip
+            "--checkpointing_steps", str(args.eval_every), *shlex.split(args.train_args),
+            *run_flags]  # fmt: skip
     print(f"train {label} seed {seed}", flush=True)
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     with open(run_dir + ".log", "w") as log:
@@ -119,9 +175,7 @@ def main(args):
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
-    unknown = [r for r in args.runs if r not in RUNS]
-    if unknown:
-        raise SystemExit(f"error: unknown run label {unknown[0]!r}; expected one of {list(RUNS)}")
+    runs = split_runs(args.runs, RUNS)
     pipe = shapes_eval.load_pipeline(args.model)
 
     pairs = args.pairs or os.path.join(args.output_dir, "pairs.parquet")
@@ -143,10 +197,10 @@ def main(args):
         return done[key]
 
     base = evaluate(("base", 0, 0))
-    for label in args.runs:
+    for label, (kind, extra) in runs.items():
         for seed in args.seeds:
-            run_dir = os.path.join(args.output_dir, "runs", f"{label.replace(':', '-')}-seed{seed}")
-            train(args, label, seed, pairs, run_dir)
+            run_dir = os.path.join(args.output_dir, "runs", f"{run_folder(label)}-seed{seed}")
+            train(args, label, seed, pairs, run_dir, run_flags=[*RUNS[kind], *extra])
             compute = compute_by_step(run_dir)
             for step in range(args.eval_every, args.max_train_steps + 1, args.eval_every):
                 if (label, seed, step) not in done:
@@ -169,7 +223,7 @@ def main(args):
         return rows
 
     base_acc, base_score = float(np.mean(base["passed"])), float(np.mean(base["scores"]))
-    target = curve("diffusion_dpo", "passed")[-1][1] if "diffusion_dpo" in args.runs else None
+    target = curve("diffusion_dpo", "passed")[-1][1] if "diffusion_dpo" in runs else None
     lines = [
         f"Held-out two-object prompts: {len(prompts)} x {args.eval_images} samples per checkpoint; base accuracy "
         f"{base_acc:.1%}, mean score {base_score:.3f}. {args.max_train_steps} steps, seeds {args.seeds}; "
@@ -180,7 +234,7 @@ def main(args):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     series = {"steps": {}, "unet": {}, "seconds": {}}
-    for label in args.runs:
+    for label in runs:
         acc = curve(label, "passed")
         score = curve(label, "scores")
         finals = [float(np.mean(done[(label, s, steps[-1])]["passed"])) for s in args.seeds]

@@ -11,10 +11,11 @@ sample each, from ``--train_prompt_seed``), the prompts the pairs came from. Run
 reused. Writes ``results.jsonl`` and ``table.md``.
 
 ``--variants`` swaps the preference term of the recipe and keeps everything else (pairs, steps, batch, lr, beta, the
-sft and anchor terms and their draws), to tell what the preference term adds:
+sft and anchor terms and their draws), to tell what the preference term adds. A variant may carry its own trainer flags, quoted, after the recipe's and the variant's (the
+later flag wins), as Diffusion-DPO at a beta of its own:
 
     python benchmarks/shapes_seeds.py --output_dir bench_out/recipe --pairs demo_output/pairs.parquet \
-        --variants inversion_dpo diffusion_dpo no_preference --eval_seeds 50000 --eval_images 4 \
+        --variants inversion_dpo "diffusion_dpo --beta_dpo 500" no_preference --eval_seeds 50000 --eval_images 4 \
         --train_prompt_seed 50000 --eval_steps 50 --eval_guidance 7.5
 
 ``no_preference`` is the sft objective with the anchor at the recipe's ratio (``--anchor_weight`` / ``--sft_weight``)
@@ -26,6 +27,7 @@ preference term.
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -60,8 +62,14 @@ VARIANTS = ("inversion_dpo", "diffusion_dpo", "inpo", "no_preference")
 
 
 def run_name(variant, seed):
-    # the demo's own recipe keeps its earlier name, so that its results are reused
+    # the demo's own recipe keeps its earlier name, so that its results are reused; a variant's name carries its flags
     return f"seed {seed}" if variant == "inversion_dpo" else f"{variant} seed {seed}"
+
+
+def run_folder(variant, seed):
+    from shapes_objectives import run_folder as folder
+
+    return f"seed{seed}" if variant == "inversion_dpo" else f"{folder(variant)}-seed{seed}"
 
 
 def parse_args(argv=None):
@@ -81,8 +89,8 @@ def parse_args(argv=None):
         "--variants",
         nargs="+",
         default=["inversion_dpo"],
-        choices=list(VARIANTS),
-        help="The recipe's preference term: as the demo trains it, another pair objective, or none (see above).",
+        help=f"The recipe's preference term: as the demo trains it, another pair objective, or none (see above): "
+        f"{list(VARIANTS)}, each optionally followed by its own trainer flags, quoted: 'diffusion_dpo --beta_dpo 500'.",
     )
     p.add_argument("--eval_steps", type=int, default=DEFAULT_STEPS, help="DDIM steps of every sample (stock: 50).")
     p.add_argument("--eval_guidance", type=float, default=DEFAULT_GUIDANCE, help="Guidance scale (stock: 7.5).")
@@ -92,12 +100,13 @@ def parse_args(argv=None):
 
 def main(args):
     import torch
-    from shapes_objectives import load_results, train
+    from shapes_objectives import load_results, split_runs, train
 
     import demo
     from inversion_dpo import shapes, shapes_eval
     from inversion_dpo.report import mean_interval
 
+    variants = split_runs(args.variants, VARIANTS, "variant")
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     pipe = shapes_eval.load_pipeline(args.model)
@@ -138,18 +147,18 @@ def main(args):
     evaluate("base")
     steps = [] if args.max_train_steps is None else ["--max_train_steps", str(args.max_train_steps)]
     train_args = " ".join([*demo.TRAIN_ARGS, *steps, args.train_args])
-    recipe = train_args.split()
-    for variant in args.variants:
+    recipe = shlex.split(train_args)
+    for variant, (kind, extra) in variants.items():
         for seed in args.seeds:
-            folder = f"seed{seed}" if variant == "inversion_dpo" else f"{variant}-seed{seed}"
-            run_dir = os.path.join(args.output_dir, "runs", folder)
+            run_dir = os.path.join(args.output_dir, "runs", run_folder(variant, seed))
             # the objectives benchmark's trainer, with the demo's flags; its own step budget and checkpoints give way
             # to the demo's (TRAIN_ARGS names both, and the later flag wins)
             flags = argparse.Namespace(model=args.model, threads=args.threads, max_train_steps=150, eval_every=1000,
-                                       train_args=" ".join(recipe + variant_flags(variant, recipe)))  # fmt: skip
-            # one reference-side cache for every seed: the same pairs and the same base (Inversion-DPO's only)
+                                       train_args=shlex.join(recipe + variant_flags(kind, recipe) + extra))  # fmt: skip
+            # one reference-side cache for every seed and setting, Inversion-DPO's only: it keeps one folder per key
+            # (the pairs, the base, the inversion settings), so a variant that changes them gets a cache of its own
             cache = ["--inversion_cache", os.path.join(args.output_dir, "inversion_cache")]
-            train(flags, variant, seed, pairs, run_dir, run_flags=cache if variant == "inversion_dpo" else [])
+            train(flags, variant, seed, pairs, run_dir, run_flags=cache if kind == "inversion_dpo" else [])
             shapes_eval.load_adapter(pipe, run_dir)
             evaluate(run_name(variant, seed))
             pipe.unload_lora_weights()
@@ -168,15 +177,15 @@ def main(args):
         return np.mean([done[(run_name(variant, s), name)]["passed"] for s in args.seeds], axis=0)
 
     row("base")
-    for variant in args.variants:
+    for variant in variants:
         for seed in args.seeds:
             row(run_name(variant, seed))
         gains = [per_sample(variant, name).mean() - np.mean(done[("base", name)]["passed"]) for name in sets]
-        label = "" if args.variants == ["inversion_dpo"] else f" ({variant})"
+        label = "" if list(variants) == ["inversion_dpo"] else f" ({variant})"
         lines.append(
             f"| mean gain over training seeds{label} | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |"
         )
-    others = [v for v in args.variants if v != "inversion_dpo"] if "inversion_dpo" in args.variants else []
+    others = [v for v in variants if v != "inversion_dpo"] if "inversion_dpo" in variants else []
     for variant in others:
         # paired on the same prompts and noise; the interval counts the samples' spread, not the training seeds'
         cells = []

@@ -59,3 +59,14 @@ def tiny_sdxl_dir(tmp_path_factory):
     from inversion_dpo.tiny import save_tiny_sdxl
 
     return save_tiny_sdxl(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def shapes_pairs(tmp_path_factory):
+    """A few pairs sampled from the committed shapes base (4 prompts x 3 samples, 4 DDIM steps), for the benchmarks."""
+    from inversion_dpo import shapes_eval, shapes_pairs as make
+
+    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
+    path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"
+    assert make.make_pairs(pipe, 4, 3, str(path), seed=0, steps=4)["pairs"] > 0
+    return path

@@ -10,15 +10,9 @@ import pytest
 from conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """A few pairs sampled from the committed base, shared by the tests here."""
-    from inversion_dpo import shapes_eval, shapes_pairs
-
-    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
-    path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"
-    assert shapes_pairs.make_pairs(pipe, 4, 3, str(path), seed=0, steps=4)["pairs"] > 0
-    return path
+@pytest.fixture
+def pairs(shapes_pairs):
+    return shapes_pairs
 
 
 def run(out, pairs, *flags):
@@ -59,15 +53,16 @@ def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp
 
 
 def test_recipe_variants_swap_only_the_preference_term(tmp_path, pairs):
-    # --variants: the demo's recipe with Diffusion-DPO in place of Inversion-DPO, and with no preference term (the sft
-    # objective and the anchor at the recipe's ratio); each run tabulated under its name, sampled as asked
+    # --variants: the demo's recipe with Diffusion-DPO at a beta of its own in place of Inversion-DPO, and with no
+    # preference term (the sft objective and the anchor at the recipe's ratio); each run tabulated under its name
+    # (with its flags), sampled as asked
     import demo
 
     out = tmp_path / "bench"
     proc = run(
-        out, pairs, "--seeds", "0", "--variants", "inversion_dpo", "diffusion_dpo", "no_preference", "--eval_seeds",
-        "10000", "--eval_images", "2", "--max_eval_prompts", "2", "--no_train_prompts", "--eval_steps", "5",
-        "--eval_guidance", "3",
+        out, pairs, "--seeds", "0", "--variants", "inversion_dpo", "diffusion_dpo  --beta_dpo 500", "no_preference",
+        "--eval_seeds", "10000", "--eval_images", "2", "--max_eval_prompts", "2", "--no_train_prompts", "--eval_steps",
+        "5", "--eval_guidance", "3",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -75,7 +70,11 @@ def test_recipe_variants_swap_only_the_preference_term(tmp_path, pairs):
         with open(out / "runs" / folder / "logs" / "metrics.jsonl") as f:
             return [r for r in map(json.loads, f) if "step_seconds" in r]
 
-    assert all("margin" in r for r in metrics("diffusion_dpo-seed0"))
+    assert all("margin" in r for r in metrics("diffusion_dpo-beta_dpo-500-seed0"))
+    # the variant's own beta wins over the recipe's (the model card states what the run trained with)
+    card = (out / "runs" / "diffusion_dpo-beta_dpo-500-seed0" / "README.md").read_text()
+    recipe_beta = demo.TRAIN_ARGS[demo.TRAIN_ARGS.index("--beta_dpo") + 1]
+    assert "`diffusion_dpo` (beta_dpo 500," in card and recipe_beta != "500"
     sft_weight = float(demo.TRAIN_ARGS[demo.TRAIN_ARGS.index("--sft_weight") + 1])
     anchor = float(demo.TRAIN_ARGS[demo.TRAIN_ARGS.index("--anchor_weight") + 1])
     alone = metrics("no_preference-seed0")
@@ -87,10 +86,12 @@ def test_recipe_variants_swap_only_the_preference_term(tmp_path, pairs):
     name = "held-out 2 x 2, seeds 10000-, 5 steps, guidance 3"
     assert name in table.splitlines()[2]
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert {"base", "seed 0", "diffusion_dpo seed 0", "no_preference seed 0"} <= set(rows)
-    assert {"mean gain over training seeds (diffusion_dpo)", "mean gain over training seeds (no_preference)"} <= set(
-        rows
-    )
+    assert {"base", "seed 0", "diffusion_dpo --beta_dpo 500 seed 0", "no_preference seed 0"} <= set(rows)
+    assert {
+        "mean gain over training seeds (diffusion_dpo --beta_dpo 500)",
+        "mean gain over training seeds (no_preference)",
+        "diffusion_dpo --beta_dpo 500 - inversion_dpo, paired [95% CI]",
+    } <= set(rows)
     # each variant against the recipe, paired on the same samples
     with open(out / "results.jsonl") as f:
         passed = {(r["run"], r["set"]): r["passed"] for r in map(json.loads, f)}
@@ -112,3 +113,18 @@ def test_no_preference_needs_the_recipes_sft_term():
     assert float(flags[flags.index("--max_grad_norm") + 1]) == pytest.approx(2 / 300)
     with pytest.raises(SystemExit, match="its --sft_weight is 0"):
         variant_flags("no_preference", demo.TRAIN_ARGS + ["--sft_weight", "0"])
+
+
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        (["dpo"], "unknown variant 'dpo'; expected one of"),
+        (["diffusion_dpo --beta_dpo 500 --bogus_flag 1"], "'--bogus_flag' is not a flag of train_inversion_dpo.py"),
+        (["inpo --learning_rate 1e-3", "inpo --learning_rate=1e-3"], "would share the folder 'inpo-learning_rate-1e-3'"),
+    ],
+)
+def test_a_bad_variant_stops_the_benchmark_before_it_samples(tmp_path, pairs, variants, message):
+    proc = run(tmp_path / "bench", pairs, "--variants", *variants)
+    assert proc.returncode != 0
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bench" / "results.jsonl").exists()
