@@ -507,10 +507,13 @@ def make_optimizer(params, args):
 
 
 def lora_state_dict_of(unet):
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights under peft's key names (``...to_k.lora_A.weight``), which ``load_lora_weights`` reads for
+    every module. Not ``convert_state_dict_to_diffusers``: it renames only the attention projections (to the old
+    ``to_k.lora.down``), and a file that mixes both namings loses its attention half in stock pipelines whenever
+    ``--lora_target_modules`` reaches further."""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def load_lora_into_adapter(unet, pipeline_cls, folder):

@@ -217,6 +217,36 @@ def test_lora_loads_into_stock_pipeline_and_changes_output(four_steps, tiny_sd_d
     assert (after - before).abs().max() > 1e-4
 
 
+def test_a_lora_beyond_the_attention_projections_loads_whole_and_resumes(tiny_sd_dir, tiny_pairs_parquet, tmp_path):
+    """--lora_target_modules with the convolutions, the transformer projections and the MLP: every trained weight of
+    the file lands in a stock pipeline's UNet (diffusers' old key names for the attention projections next to peft's
+    for the rest once made load_lora_weights drop the attention's half with a warning), and a run resumes from it."""
+    from diffusers import StableDiffusionPipeline
+
+    targets = "to_q,to_k,to_v,to_out.0,proj_in,proj_out,conv1,conv2,ff.net.2"
+    args = [
+        "--pretrained_model_name_or_path", tiny_sd_dir, "--dataset_name", tiny_pairs_parquet, *QUICK,
+        "--objective", "diffusion_dpo", "--lora_target_modules", targets, "--checkpointing_steps", 1,
+    ]  # fmt: skip
+    out = str(tmp_path / "out")
+    run(SCRIPT, args + ["--output_dir", out, "--max_train_steps", 2])
+    saved = {k: v for k, v in lora(out).items() if k.endswith("lora_B.weight") or k.endswith("lora.up.weight")}
+    modules = {k.rsplit(".lora", 1)[0] for k in saved}
+    for name in targets.split(","):
+        assert any(m.endswith("." + name) for m in modules), name
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, feature_extractor=None)
+    pipe.load_lora_weights(out)
+    loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
+    assert len(loaded) == len(saved)
+    trained = [n for n, p in loaded.items() if p.abs().max() > 0]
+    assert any(".attn2.to_k." in n for n in trained) and any(".ff.net.2." in n for n in trained)
+    assert len(trained) == sum(v.abs().max() > 0 for v in saved.values())
+
+    run(SCRIPT, args + ["--output_dir", out, "--max_train_steps", 3, "--resume_from_checkpoint", "latest"])
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+
+
 def test_missing_column_is_one_clear_line(tiny_sd_dir, tiny_pairs_parquet, tmp_path):
     proc = run(
         SCRIPT,
