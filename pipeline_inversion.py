@@ -1,17 +1,32 @@
 """Stable Diffusion with deterministic DDIM inversion: image -> noise latents that sample back to the image.
 
-A diffusers custom pipeline (one ``DiffusionPipeline`` subclass per file, as the loader requires)::
+A diffusers custom pipeline: one file holding one ``DiffusionPipeline`` subclass and importing nothing but torch,
+diffusers, numpy, PIL and the standard library, because diffusers copies the file alone into its modules cache
+(``HF_MODULES_CACHE``) and imports it from there. Load it by its path, or by the id of a Hub repo (or the path of a
+folder) that holds it under the name diffusers looks for there, ``pipeline.py``::
 
-    pipe = DiffusionPipeline.from_pretrained(model, custom_pipeline="/abs/path/pipeline_inversion.py", trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        model, custom_pipeline="path/to/pipeline_inversion.py", trust_remote_code=True
+    )
+    pipe = DiffusionPipeline.from_pretrained(model, custom_pipeline="<user>/<repo>", trust_remote_code=True)
     inv = pipe.invert(image, prompt, num_inference_steps=50)
     same = pipe(prompt, latents=inv.latents, num_inference_steps=50, guidance_scale=1.0).images[0]
 
-The DDIM arithmetic is not written here: it is ``inversion_dpo.ddim``, the module the trainers use, so the
-inversion a model is trained on and the one this pipeline computes cannot drift apart. That import is absolute,
-so the folder holding ``inversion_dpo`` (this repository's root) must be on ``sys.path``.
+The inversion is deterministic DDIM (Song et al. 2021, arXiv 2010.02502, eq. 12 with eta = 0). Sampling (denoising)
+and inversion are the same linear relation between two latents at noise levels ``a_s < a_t`` (``a`` =
+``alphas_cumprod``, larger means cleaner) and one noise prediction ``e``::
+
+    x_s / sqrt(a_s) - x_t / sqrt(a_t) = e * (sqrt(1 - a_s) / sqrt(a_s) - sqrt(1 - a_t) / sqrt(a_t))
+
+so one pure function, ``ddim_move``, moves a latent between two levels. The DDIM functions of this file see no
+UNet, prompt or scheduler object (a noise predictor is passed in as ``eps_fn(x, t) -> eps``); the repository's
+training scripts hold marked copies of them (``# Copied from pipeline_inversion.ddim_move``, kept equal by
+``scripts/check_copies.py``), so the inversion a model is trained on and the one this pipeline computes cannot drift
+apart.
 """
 
 from dataclasses import dataclass
+from typing import Callable, List, NamedTuple, Union, get_type_hints
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -20,12 +35,105 @@ from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-from inversion_dpo.ddim import PREDICTION_TYPES, ddim_grid, ddim_invert, eps_from_prediction
 
 
 logger = logging.get_logger(__name__)
+
+# The transformers classes of the components, read from StableDiffusionPipeline's signature rather than imported, so
+# that this file needs no transformers import: the annotations of `__init__` must be the real classes, because
+# `from_pretrained` checks each component against them and `from_pipe` leaves behind a model whose type differs
+_COMPONENT_TYPES = get_type_hints(StableDiffusionPipeline.__init__)
+CLIPTextModel = _COMPONENT_TYPES["text_encoder"]
+CLIPTokenizer = _COMPONENT_TYPES["tokenizer"]
+CLIPImageProcessor = _COMPONENT_TYPES["feature_extractor"]
+CLIPVisionModelWithProjection = _COMPONENT_TYPES["image_encoder"]
+
+
+Alpha = Union[float, torch.Tensor]
+
+
+def _as_tensor(a: Alpha, like: torch.Tensor) -> torch.Tensor:
+    a = torch.as_tensor(a, dtype=torch.float32, device=like.device)
+    # per-sample alphas of shape [B] broadcast over the remaining dims of x
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim)) if a.ndim else a
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def eps_from_prediction(out: torch.Tensor, x_t: torch.Tensor, a_t: Alpha, prediction_type: str) -> torch.Tensor:
+    """The noise prediction implied by a UNet output of ``prediction_type`` at ``x_t`` (level ``a_t``).
+
+    ``v_prediction`` (Salimans & Ho 2022; SD 2.x's 768-v models): ``v = sqrt(a) eps - sqrt(1 - a) x0`` and
+    ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` give ``eps = sqrt(a) v + sqrt(1 - a) x_t``.
+    """
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        a_t = _as_tensor(a_t, x_t)
+        return a_t.sqrt() * out + (1 - a_t).sqrt() * x_t
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
+
+
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: Alpha, a_to: Alpha) -> torch.Tensor:
+    """Moves ``x`` from level ``a_from`` to level ``a_to`` along the DDIM ODE with noise ``eps``.
+
+    A move between equal levels returns ``x`` exactly, also at a zero-terminal-SNR schedule's top level, where
+    ``a = 0`` would otherwise divide 0 by 0 (InPO steps to its sampled level even when already there)."""
+    a_from, a_to = _as_tensor(a_from, x), _as_tensor(a_to, x)
+    stay = a_from == a_to
+    x0_hat = (x.float() - (1 - a_from).sqrt() * eps.float()) / torch.where(stay, 1.0, a_from).sqrt()
+    moved = a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps.float()
+    return torch.where(stay, x.float(), moved).to(x.dtype)
+
+
+def ddim_inverse_step(x_s: torch.Tensor, eps: torch.Tensor, a_s: Alpha, a_t: Alpha) -> torch.Tensor:
+    """Inverts ``x_s`` (level ``a_s``) up to the higher noise level ``a_t``.
+
+    The noise is predicted at the lower latent with the upper label, ``eps = eps(x_s, t)`` (the convention of
+    null-text inversion, of diffusers' ``DDIMInverseScheduler`` and of the official Inversion-DPO code).
+    Equals ``DDIMInverseScheduler.step(eps, t, x_s).prev_sample``.
+    """
+    return ddim_move(x_s, eps, a_s, a_t)
+
+
+class DDIMGrid(NamedTuple):
+    """The N-step grid of a DDIM scheduler, ascending in noise.
+
+    ``timesteps[i]`` is the label of level ``i + 1``; ``alphas[0]`` is the clean level (the scheduler's
+    ``final_alpha_cumprod``, where sampling ends and inversion starts) and ``alphas[i + 1]`` that of
+    ``timesteps[i]``.
+    """
+
+    timesteps: torch.Tensor  # [N] long, ascending
+    alphas: torch.Tensor  # [N + 1] float32
+
+
+def ddim_grid(scheduler, num_steps: int, device: Union[str, torch.device] = "cpu") -> DDIMGrid:
+    """Reads the grid from a (copy of a) ``DDIMScheduler``, so the spacing and offset are the model's own."""
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.flip(0).to(torch.long)
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    clean = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).reshape(1)
+    alphas = torch.cat([clean, alphas_cumprod[timesteps]])
+    return DDIMGrid(timesteps.to(device), alphas.to(device))
+
+
+class InversionTrajectory(NamedTuple):
+    latents: List[torch.Tensor]  # x_1 .. x_N, x_i at level i
+    noises: List[torch.Tensor]  # e_1 .. e_N, e_i = eps(x_{i-1}, t_i) moved x_{i-1} to x_i
+
+
+def ddim_invert(eps_fn: Callable, z0: torch.Tensor, grid: DDIMGrid) -> InversionTrajectory:
+    """Walks ``z0`` up the whole grid and keeps every latent and every noise used."""
+    x, latents, noises = z0, [], []
+    for i, t in enumerate(grid.timesteps):
+        e = eps_fn(x, t)
+        x = ddim_inverse_step(x, e, grid.alphas[i], grid.alphas[i + 1])
+        latents.append(x)
+        noises.append(e)
+    return InversionTrajectory(latents, noises)
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -36,7 +144,7 @@ EXAMPLE_DOC_STRING = """
 
         >>> pipe = DiffusionPipeline.from_pretrained(
         ...     "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        ...     custom_pipeline="/path/to/Inversion-DPO/pipeline_inversion.py",
+        ...     custom_pipeline="/path/to/pipeline_inversion.py",  # or a Hub repo id holding it as pipeline.py
         ...     trust_remote_code=True,
         ...     torch_dtype=torch.float16,
         ... ).to("cuda")
