@@ -94,12 +94,19 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
+def cpu_launch_command(script: str) -> list:
+    """``accelerate launch`` of a script on one CPU process, with every launcher default given (no prompt, no
+    warning about missing values)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]  # fmt: skip
+
+
 def make_demo_pairs(pipe, args, path):
     """The demo's preference pairs (``--pair_prompts`` train prompts x ``--images_per_prompt`` samples of ``pipe``)
     written to ``path``; returns the pair generator's counts."""
-    from inversion_dpo import shapes_pairs
+    from shapes.pairs import make_pairs
 
-    return shapes_pairs.make_pairs(
+    return make_pairs(
         pipe,
         args.pair_prompts,
         args.images_per_prompt,
@@ -121,8 +128,8 @@ def running_mean(points, window):
 
 
 def summary(results, base_results=None):
-    from inversion_dpo import shapes_eval
-    from inversion_dpo.report import mean_interval, wilson_interval, win_rate
+    from evaluation.stats import mean_interval, wilson_interval, win_rate
+    from shapes import sampling
 
     flat = [r for rs in results for r in rs]
     mean, low, high = mean_interval([r.score for r in flat])
@@ -138,7 +145,7 @@ def summary(results, base_results=None):
     if base_results is not None:
         base_flat = [r for rs in base_results for r in rs]
         row["win_rate"] = win_rate([r.score for r in flat], [r.score for r in base_flat])
-        row["transitions"] = shapes_eval.transitions(base_results, results)
+        row["transitions"] = sampling.transitions(base_results, results)
     return row
 
 
@@ -152,9 +159,8 @@ def transitions_line(group: str, table) -> str:
 def main(args):
     import torch
 
-    from inversion_dpo import shapes, shapes_eval
-    from inversion_dpo.report import labelled_grid, line_plot
-    from inversion_dpo.training import cpu_launch_command
+    from evaluation.plots import labelled_grid, line_plot
+    from shapes import sampling, world
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()
@@ -164,7 +170,7 @@ def main(args):
         raise SystemExit(f"error: no model at '{args.model}' (scripts/train_shapes_base.py builds it)")
 
     # 1. Preference pairs from the base model's own samples, scored by the program, on train prompts only
-    base = shapes_eval.load_pipeline(args.model)
+    base = sampling.load_pipeline(args.model)
     pairs_path = os.path.join(out, "pairs.parquet")
     counts = make_demo_pairs(base, args, pairs_path)
     print(f"[{time.time() - start:4.0f}s] pairs: {counts}")
@@ -195,22 +201,22 @@ def main(args):
     ]
     print(f"[{time.time() - start:4.0f}s] accelerate launch {script} {' '.join(flags)}")
     cmd = cpu_launch_command(os.path.join(HERE, script)) + flags
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONPATH=HERE, HF_HUB_OFFLINE="1"))
+    subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     print(f"[{time.time() - start:4.0f}s] trained")
 
     # 3. Base against aligned on held-out prompt combinations, the same noise for both
-    aligned = shapes_eval.load_pipeline(args.model, lora_path=out)
+    aligned = sampling.load_pipeline(args.model, lora_path=out)
     groups = {  # name: (prompts, samples per prompt)
-        "held-out two-object": ([str(p) for p in shapes.heldout_prompts()], args.eval_seeds),
+        "held-out two-object": ([str(p) for p in world.heldout_prompts()], args.eval_seeds),
         # a quarter of the 432 the pairs came from (new seeds): most of the grammar's two-object prompts are these
-        "train two-object (every 4th)": ([str(p) for p in shapes.train_prompts(2)][::4], args.train_eval_seeds),
-        "single-object": ([str(p) for p in shapes.train_prompts(1)], args.eval_seeds),
+        "train two-object (every 4th)": ([str(p) for p in world.train_prompts(2)][::4], args.train_eval_seeds),
+        "single-object": ([str(p) for p in world.train_prompts(1)], args.eval_seeds),
     }
     table, grids = {}, {}
     for group, (prompts, seeds) in groups.items():
         prompts = prompts[: args.max_eval_prompts]
-        base_images, base_results = shapes_eval.sample_and_score(base, prompts, seeds, seed=10_000)
-        new_images, new_results = shapes_eval.sample_and_score(aligned, prompts, seeds, seed=10_000)
+        base_images, base_results = sampling.sample_and_score(base, prompts, seeds, seed=10_000)
+        new_images, new_results = sampling.sample_and_score(aligned, prompts, seeds, seed=10_000)
         table[group] = {"base": summary(base_results), "aligned": summary(new_results, base_results)}
         grids[group] = (prompts, base_images, new_images)
     print(f"[{time.time() - start:4.0f}s] evaluated")

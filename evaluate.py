@@ -12,18 +12,23 @@ Image j of every prompt starts from the noise of seed ``--seed + j`` for every m
 win rate of an adapter against the base is a paired comparison: per image, 1 if the adapter's scores higher, 1/2 on a
 tie. Writes ``scores.csv`` (one row per model, prompt and seed), ``summary.csv`` (mean and win rate with 95%
 intervals per model and scorer), ``grid.png`` (a row per model, a column per prompt, the first seed) and the images.
-The scorers are in ``inversion_dpo/scorers.py``; a scorer runs only when its weights are given. HPSv2 and ImageReward
+The scorers are in ``evaluation/scorers.py``; a scorer runs only when its weights are given. HPSv2 and ImageReward
 read converted folders: ``scripts/convert_scorer_weights.py`` makes them from the published checkpoints.
 """
 
 import argparse
 import csv
 import os
+import re
 
 import torch
 
-from inversion_dpo.data import DataError
-from inversion_dpo.training import is_hub_id, run_cli
+from evaluation.scorers import InputError, run_cli
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repository id (``owner/name``) rather than a local path."""
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
 def make_parser():
@@ -89,17 +94,17 @@ def parse_args(input_args=None):
 
 def read_prompts(path):
     if not os.path.isfile(path):
-        raise DataError(f"--prompts: no file '{path}'")
+        raise InputError(f"--prompts: no file '{path}'")
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise DataError(f"--prompts: '{path}' has no prompt")
+        raise InputError(f"--prompts: '{path}' has no prompt")
     return prompts
 
 
 def load_scorers(args, prompts):
     """Every scorer whose weights are given, loaded before any sampling so that a missing model fails at once."""
-    from inversion_dpo.scorers import AestheticScorer, ClipScorer, ImageRewardScorer, shapes_scorer
+    from evaluation.scorers import AestheticScorer, ClipScorer, ImageRewardScorer, shapes_scorer
 
     scorers = {}
     for kind in ("pickscore", "hpsv2", "clip_score"):
@@ -113,14 +118,14 @@ def load_scorers(args, prompts):
     if args.shapes_score:
         scorers["shapes"] = shapes_scorer(prompts)
     if not scorers:
-        raise DataError("no scorer: give at least one of --pickscore, --hpsv2, --clip_score, --imagereward, "
-                        "--aesthetic_clip/--aesthetic_head, --shapes_score")  # fmt: skip
+        raise InputError("no scorer: give at least one of --pickscore, --hpsv2, --clip_score, --imagereward, "
+                         "--aesthetic_clip/--aesthetic_head, --shapes_score")  # fmt: skip
     return scorers
 
 
 def summarize(scores, names, scorer_names):
     """Rows of summary.csv: per model and scorer, the mean with its interval and, against base, the win rate."""
-    from inversion_dpo.report import mean_interval, win_rate
+    from evaluation.stats import mean_interval, win_rate
 
     rows = []
     for name in names:
@@ -136,27 +141,27 @@ def summarize(scores, names, scorer_names):
 
 
 def main(args):
-    from inversion_dpo import shapes_eval
-    from inversion_dpo.report import labelled_grid
+    from evaluation.plots import labelled_grid
+    from shapes import sampling
 
     # 1. Prompts, scorers, models: everything that can be missing is looked for before the first image
     prompts = read_prompts(args.prompts)
     for adapter in args.adapters:
         if not os.path.exists(adapter) and not is_hub_id(adapter):
-            raise DataError(f"--adapters: '{adapter}' is neither a local path nor a Hub id")
+            raise InputError(f"--adapters: '{adapter}' is neither a local path nor a Hub id")
     scorers = load_scorers(args, prompts)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = shapes_eval.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
+    pipe = sampling.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
     names = ["base"] + (args.adapter_names or [os.path.basename(os.path.normpath(a)) for a in args.adapters])
     if len(set(names)) != len(names):
-        raise DataError(f"two models share a name ({', '.join(names)}): name them with --adapter_names")
+        raise InputError(f"two models share a name ({', '.join(names)}): name them with --adapter_names")
 
     # 2. Sample every model on the same prompts and seeds; score
     images, scores = {}, {}
     for name, adapter in zip(names, [None] + list(args.adapters)):
         if adapter:
-            shapes_eval.load_adapter(pipe, adapter, adapter_name=name)
-        images[name] = shapes_eval.sample(
+            sampling.load_adapter(pipe, adapter, adapter_name=name)
+        images[name] = sampling.sample(
             pipe, prompts, args.num_images_per_prompt, args.seed, args.num_inference_steps, args.guidance_scale,
             args.batch_size, args.resolution,
         )  # fmt: skip

@@ -1,50 +1,1721 @@
 #!/usr/bin/env python
+# Copyright 2026 The Inversion-DPO authors. Licensed under the Apache License, Version 2.0.
 """Inversion-DPO (and Diffusion-DPO, DDIM-InPO, SFT) LoRA training for Stable Diffusion XL.
 
     accelerate launch train_inversion_dpo_sdxl.py \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
         --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
-        --dataset_name <pairs> --objective inversion_dpo --use_8bit_adam --mixed_precision fp16 \\
-        --gradient_checkpointing --output_dir out
+        --dataset_name yuvalkirstain/pickapic_v2 --objective inversion_dpo \\
+        --use_8bit_adam --mixed_precision fp16 --gradient_checkpointing --output_dir sdxl-inversion-dpo
 
-The adapter lands in ``out/pytorch_lora_weights.safetensors``; ``StableDiffusionXLPipeline.load_lora_weights("out")``
-loads it. The objectives' math is in ``inversion_dpo/objectives.py``; the loop shared with the SD 1.x/2.x script is in
-``inversion_dpo/training.py``. This file holds what is particular to SDXL: two CLIP text encoders, pooled embeddings,
-time ids from each image's size and crop, an all-zeros null conditioning, and a VAE that overflows in fp16.
+The adapter lands in ``sdxl-inversion-dpo/pytorch_lora_weights.safetensors``;
+``StableDiffusionXLPipeline.load_lora_weights("sdxl-inversion-dpo")`` loads it.
+
+One file, as the diffusers training examples are: it imports installed packages only, so it can be copied out of
+the repository and changed. What it shares with ``train_inversion_dpo.py`` (flags, data, DDIM, the objectives, the
+cache, checkpoints, validation, ``main``) is copied from there and marked ``# Copied from train_inversion_dpo.<name>``
+(``python scripts/check_copies.py`` checks the copies, ``--fix`` rewrites them). What is particular to SDXL is in
+section 5: two CLIP text encoders, pooled embeddings, time ids from each image's size and crop, an all-zeros null
+conditioning.
 """
 
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+import datasets
+import numpy as np
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_unet_state_dict_to_peft
+from huggingface_hub import HfApi, ModelCard, ModelCardData, try_to_load_from_cache
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from inversion_dpo.training import (
-    Architecture,
-    build_parser,
-    check_args,
-    load_component,
-    load_pairs,
-    make_accelerator,
-    prepare_unet,
-    run_cli,
-    train,
-    weight_dtype_of,
-)
+
+logger = logging.getLogger(__name__)
+
+# What differs between this script and its SDXL copy, besides section 5
+PIPELINE_CLASS = StableDiffusionXLPipeline  # saves and loads the LoRA, samples the validation images
+ARCHITECTURE = "stable-diffusion-xl"  # the model card's tag
+DEFAULT_RESOLUTION = 1024
+
+# Copied from train_inversion_dpo.LORA_TARGET_MODULES
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-def make_parser():
-    parser = build_parser(__doc__.splitlines()[0], default_resolution=1024)
-    parser.add_argument(
+# Copied from train_inversion_dpo.InputError
+class InputError(ValueError):
+    """Bad input (a flag, a path, the data): the run stops with this one line, exit code 2, before any training."""
+
+
+# Copied from train_inversion_dpo.TrainingError
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, gradient or weight); the message is one line naming the step."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Flags
+
+
+# Copied from train_inversion_dpo.parse_args
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
+    g.add_argument("--revision", default=None, help="The model's git revision on the Hub (a branch, tag or commit).")
+    g.add_argument("--variant", default=None, help="Weights variant, e.g. fp16.")
+    g.add_argument(
         "--pretrained_vae_model_name_or_path",
         default=None,
-        help="A VAE in place of the model's, e.g. madebyollin/sdxl-vae-fp16-fix. A VAE whose config asks for "
-        "force_upcast (SDXL's own: it overflows in fp16) stays in fp32; a fp16-safe one runs in --mixed_precision.",
+        help="A VAE in place of the model's (Hub id or folder), e.g. stabilityai/sd-vae-ft-mse, or for SDXL "
+        "madebyollin/sdxl-vae-fp16-fix. A VAE whose config asks for force_upcast (SDXL's own: it overflows in fp16) "
+        "stays in fp32; a fp16-safe one runs in --mixed_precision.",
     )
-    return parser
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset_name",
+        required=True,
+        help="Hub id, or a local parquet/json/jsonl/csv file, a folder of them, an imagefolder with "
+        "metadata, or a save_to_disk folder, in the Pick-a-Pic schema (see the column flags).",
+    )
+    g.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
+    g.add_argument("--dataset_split_name", default="train", help="The split to train on.")
+    g.add_argument("--cache_dir", default=None, help="Where datasets caches downloads (its default cache if unset).")
+    g.add_argument("--image_column_0", default="jpg_0", help="First image: bytes, a path or a decoded image.")
+    g.add_argument("--image_column_1", default="jpg_1", help="Second image.")
+    g.add_argument(
+        "--label_column",
+        default="label_0",
+        help="1 if the first image is preferred, 0 if the second, 0.5 for a tie (dropped and counted).",
+    )
+    g.add_argument("--caption_column", default="caption", help="The prompt both images answer.")
+    g.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Use only the first N usable pairs (after ties and bad rows).",
+    )
+    g.add_argument(
+        "--max_bad_fraction",
+        type=float,
+        default=0.05,
+        help="Rows that cannot make a pair (unreadable, truncated, tiny or huge image, bad label, missing or empty "
+        "caption) are skipped and counted; more than this fraction of the rows checked stops the run with an error.",
+    )
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=DEFAULT_RESOLUTION,
+        help="Square training size in pixels (a multiple of 8): the shorter side is resized to it, then cropped.",
+    )
+    g.add_argument("--random_crop", action="store_true", help="Random instead of center crops.")
+    g.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Random horizontal flips (one flip shared by both images of a pair). Off by default: a flip makes a "
+        "caption that says left or right wrong.",
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Processes that decode images (and check rows) beside the main one; 0 decodes in the main process.",
+    )
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="inversion_dpo", choices=sorted(OBJECTIVES))
+    g.add_argument(
+        "--loss_type",
+        default="sigmoid",
+        choices=LOSS_TYPES,
+        help="Link applied to -beta_dpo/2 * margin: -log sigmoid, hinge relu(1 - z), or ipo (z - 1/2)^2.",
+    )
+    g.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=5000.0,
+        help="KL strength. Diffusion-DPO's T is folded in and the 1/2 is applied inside: the logit is "
+        "-beta_dpo/2 * margin, as in the diffusers SD1.5 DPO example.",
+    )
+    g.add_argument(
+        "--sft_weight",
+        type=float,
+        default=0.0,
+        help="Pair objectives: add this times the sft loss on the winners (fresh noise, see the next two flags), a "
+        "supervised anchor on the preferred images as RPO adds the winner's NLL to DPO; one more policy call per pair. "
+        "0: the preference alone.",
+    )
+    g.add_argument(
+        "--sft_min_timestep",
+        type=int,
+        default=0,
+        help="The sft loss (the sft objective, or the --sft_weight term) draws t from [this, T): 600 trains the levels "
+        "where a sample's layout is decided.",
+    )
+    g.add_argument(
+        "--sft_caption_dropout",
+        type=float,
+        default=0.0,
+        help="Share of the sft loss's rows trained on the null caption, keeping the unconditional branch that "
+        "guidance subtracts in step.",
+    )
+    g.add_argument(
+        "--anchor_weight",
+        type=float,
+        default=0.0,
+        help="Add this times the policy's squared distance to the reference (the frozen model) on the winners at "
+        "t < --anchor_max_timestep, fresh noise: it keeps the levels the --sft_weight term (or the sft objective) does "
+        "not train where they were, since one LoRA serves every level. One more policy call with grad and one "
+        "reference call per pair. 0: off.",
+    )
+    g.add_argument(
+        "--anchor_max_timestep",
+        type=int,
+        default=None,
+        help="The anchor draws t from [0, this); default: --sft_min_timestep.",
+    )
+    g.add_argument("--inversion_steps", type=int, default=20, help="N, the DDIM inversion grid of inversion_dpo.")
+    g.add_argument(
+        "--inversion_guidance_scale",
+        type=float,
+        default=1.0,
+        help="Guidance of the reference's inversion (1 = conditional alone; the official code uses 2).",
+    )
+    g.add_argument(
+        "--inversion_target",
+        default="x0",
+        choices=INVERSION_TARGETS,
+        help="x0 (default) and step: this project's extensions, the noise landing one step on the image or on the "
+        "trajectory's next latent (see the README); reference: the paper's figure (zero gradient at initialisation: "
+        "a LoRA never moves).",
+    )
+    g.add_argument(
+        "--loss_space",
+        default="prediction",
+        choices=LOSS_SPACES,
+        help="Where errors are measured: prediction = the model's own output (v for a v-prediction model, as the "
+        "diffusers training examples compute their loss; the noise otherwise), epsilon = always the noise. On a "
+        "zero-terminal-SNR v model the noise is blind at the top level (eps = x_t there), where the layout is decided.",
+    )
+    g.add_argument(
+        "--timestep_weighting",
+        default="uniform",
+        choices=TIMESTEP_WEIGHTINGS,
+        help="Weight of inversion step i: uniform, or the official code's 1/(2 a_t).",
+    )
+    g.add_argument(
+        "--inversion_grad_steps",
+        type=int,
+        default=None,
+        help="Back-propagate k random steps of the N, scaled N/k: an unbiased gradient (the margin itself still "
+        "uses every step). Default: all N (exact).",
+    )
+    g.add_argument(
+        "--inversion_chunk_steps",
+        type=int,
+        default=1,
+        help="Inversion steps per policy call with grad. Below N: two passes (the margin from every step without "
+        "grad, then the gradient chunk by chunk, one backward each): the exact gradient with the activation memory "
+        "of this many steps whatever N, for about 4/3 the compute. N or more: all steps in one graph.",
+    )
+    g.add_argument(
+        "--inversion_margin",
+        default="trajectory",
+        choices=INVERSION_MARGINS,
+        help="trajectory: every step inside one sigmoid (the paper). step (this project's extension): each pair "
+        "samples one step and the sigmoid takes w_i m_i, whose mean is the trajectory margin (Diffusion-DPO's "
+        "per-timestep form, a Jensen upper bound of the trajectory loss): 2 policy rows with grad per pair.",
+    )
+    g.add_argument(
+        "--inversion_cache",
+        default=None,
+        help="Folder of reference-side caches: the trajectory inputs, targets and reference errors of every pair, "
+        "computed once (missing shards are built first, sharded over the processes) and reused by every run with the "
+        "same model, data and inversion settings; a training step then runs the policy alone.",
+    )
+    g.add_argument("--inversion_cache_only", action="store_true", help="Build the cache, then exit.")
+    g.add_argument(
+        "--cache_steps",
+        type=int,
+        default=None,
+        help="Store K evenly spaced of the N steps (bounds the disk; the margin then sums over those K). Default: all.",
+    )
+    g.add_argument("--inversion_cache_shard_size", type=int, default=64, help="Pairs per cache file.")
+    g.add_argument(
+        "--inversion_cache_dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="Storage of the cached latents and targets (reference errors are float32 either way); float32 "
+        "reproduces an uncached run to float precision at twice the disk.",
+    )
+    g.add_argument("--inpo_inversion_steps", type=int, default=10, help="The coarse grid of inpo (official 10).")
+    g.add_argument(
+        "--inpo_eta",
+        type=float,
+        default=0.0,
+        help="inpo: fresh noise after each inversion step, times the DDPM posterior std (official 0.1).",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--output_dir",
+        default="inversion-dpo-lora",
+        help="Where the adapter, its card, the checkpoints and the logs are written.",
+    )
+    g.add_argument("--logging_dir", default="logs", help="Under output_dir; metrics.jsonl is written there.")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seeds the noise, the data order and the augmentation (unset: 0 for the data order, random noise).",
+    )
+    g.add_argument("--train_batch_size", type=int, default=1, help="Pairs per device per micro-step.")
+    g.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the pairs (unless --max_train_steps).")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
+    g.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-steps whose gradients make one optimizer step.",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute the UNet's activations in the backward: less memory, about a third more compute.",
+    )
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW's learning rate of the LoRA weights.")
+    g.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps, batch size and number of processes.",
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up of the learning rate.")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon.")
+    g.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="Clip the gradient's norm to this; 0 measures it (logged as grad_norm) without clipping.",
+    )
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = rank).")
+    g.add_argument(
+        "--lora_target_modules",
+        default=",".join(LORA_TARGET_MODULES),
+        help="Comma-separated UNet module names (peft suffix match) that get LoRA: the attention projections by "
+        "default; add e.g. conv1,conv2,proj_in,proj_out for the ResNet convolutions and the transformer projections.",
+    )
+    g.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Frozen weights in this dtype; LoRA weights stay fp32. Defaults to accelerate's config.",
+    )
+    g.add_argument(
+        "--allow_tf32", action="store_true", help="TF32 matrix products on Ampere and newer GPUs: faster fp32 steps."
+    )
+    g.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="xformers' attention (CUDA only; PyTorch 2's own SDPA is used otherwise).",
+    )
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    g = p.add_argument_group("checkpoints")
+    g.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a checkpoint-N folder every this many steps (and always after the last step).",
+    )
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
+    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g = p.add_argument_group("validation")
+    g.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=None,
+        help="Sampled every --validation_steps and at the end with fixed seeds.",
+    )
+    g.add_argument(
+        "--validation_steps", type=int, default=200, help="Sample the validation prompts every this many steps."
+    )
+    g.add_argument(
+        "--validation_num_inference_steps", type=int, default=25, help="DDIM steps of the validation samples."
+    )
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Guidance of the validation samples.")
+    g = p.add_argument_group("hub")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the adapter, its card and the samples to the Hub at the end.",
+    )
+    g.add_argument(
+        "--hub_model_id", default=None, help="The Hub repository (owner/name); default: the output folder's name."
+    )
+    g.add_argument("--hub_token", default=None, help="A Hub token; default: the one `hf auth login` stored.")
+    g.add_argument(
+        "--license",
+        default=None,
+        help="The card's license. Default: the base model's, read from its card when at hand (a local folder or the "
+        'Hub cache), else "other".',
+    )
+    return check_args(p.parse_args(input_args))
 
 
-def parse_args(input_args=None):
-    return check_args(make_parser().parse_args(input_args))
+# Copied from train_inversion_dpo.check_args
+def check_args(args):
+    """One-line errors (exit 2) for flags that cannot work together; fills defaults that follow from others."""
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "inversion_steps",
+        "inpo_inversion_steps",
+        "inversion_chunk_steps",
+        "inversion_cache_shard_size",
+        "rank",
+        "resolution",
+        "checkpointing_steps",
+        "validation_steps",
+    ):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.inversion_grad_steps is not None and args.inversion_grad_steps < 1:
+        raise InputError(f"--inversion_grad_steps must be at least 1, got {args.inversion_grad_steps}")
+    if args.inversion_grad_steps is not None and args.inversion_margin == "step":
+        raise InputError("--inversion_grad_steps samples steps of the trajectory margin; --inversion_margin step "
+                         "back-propagates its one step already")  # fmt: skip
+    if args.sft_weight < 0:
+        raise InputError(f"--sft_weight must be at least 0, got {args.sft_weight:g}")
+    if args.sft_weight and args.objective == "sft":
+        raise InputError("--sft_weight adds the sft loss to a pair objective; --objective sft is that loss alone")
+    if not 0 <= args.sft_caption_dropout < 1:
+        raise InputError(f"--sft_caption_dropout must be in [0, 1), got {args.sft_caption_dropout:g}")
+    if args.sft_min_timestep < 0:
+        raise InputError(f"--sft_min_timestep must be at least 0, got {args.sft_min_timestep}")
+    if args.anchor_weight < 0:
+        raise InputError(f"--anchor_weight must be at least 0, got {args.anchor_weight:g}")
+    if args.anchor_max_timestep is None:
+        args.anchor_max_timestep = args.sft_min_timestep
+    if args.anchor_weight and args.anchor_max_timestep < 1:
+        raise InputError(
+            "--anchor_weight needs --anchor_max_timestep (or --sft_min_timestep) above 0: the levels to keep"
+        )
+    unused = [f"--{n}" for n in ("sft_min_timestep", "sft_caption_dropout") if getattr(args, n)]
+    if unused and not (args.sft_weight or args.anchor_weight) and args.objective != "sft":
+        raise InputError(
+            f"{' and '.join(unused)} shape the sft loss, which --objective {args.objective} only uses with "
+            "--sft_weight > 0 (or the anchor, with --anchor_weight > 0)"
+        )
+    if args.inversion_cache:
+        if args.objective != "inversion_dpo":
+            raise InputError(
+                f"--inversion_cache holds inversion_dpo's reference side; --objective is {args.objective}"
+            )
+        if args.random_crop:
+            raise InputError("--random_crop cannot be cached (the crops are not enumerable); drop one of the two")
+    elif args.inversion_cache_only or args.cache_steps is not None:
+        raise InputError("--inversion_cache_only and --cache_steps need --inversion_cache DIR")
+    if args.cache_steps is not None and args.cache_steps < 1:
+        raise InputError(f"--cache_steps must be at least 1, got {args.cache_steps}")
+    if args.resolution % 8:
+        raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise InputError(f"--max_bad_fraction must be between 0 and 1, got {args.max_bad_fraction}")
+    args.logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    return args
 
 
-def encode_prompts(tokenizers, text_encoders, prompts):
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Preference pairs: loading, checking every row once, the winner first, shared augmentation
+
+
+# Copied from train_inversion_dpo.DataError
+class DataError(InputError):
+    """Bad input data; the message is one line naming the dataset, the column or the row."""
+
+
+# Copied from train_inversion_dpo.first_line
+def first_line(error: Exception, limit: int = 200) -> str:
+    """An exception's message cut to its first line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+# Copied from train_inversion_dpo.LOCAL_FORMATS
+LOCAL_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+# Copied from train_inversion_dpo.PairColumns
+@dataclass
+class PairColumns:
+    image_0: str = "jpg_0"
+    image_1: str = "jpg_1"
+    label_0: str = "label_0"
+    caption: str = "caption"
+
+
+# Copied from train_inversion_dpo.load_pairs_dataset
+def load_pairs_dataset(name_or_path: str, config_name=None, split: str = "train", cache_dir=None):
+    """Loads a Hub id or a local path (parquet/json/jsonl/csv file, a folder of such files or an imagefolder with
+    metadata, or a ``save_to_disk`` folder). Returns ``(dataset, base_dir)``; relative image paths resolve
+    against ``base_dir``."""
+    if os.path.isfile(name_or_path):
+        builder = LOCAL_FORMATS.get(os.path.splitext(name_or_path)[1].lower())
+        if builder is None:
+            raise DataError(f"dataset file '{name_or_path}' is not one of {sorted(LOCAL_FORMATS)}")
+        try:
+            ds = datasets.load_dataset(builder, data_files=name_or_path, split="train", cache_dir=cache_dir)
+        except Exception as e:  # an empty or unreadable file surfaces as datasets' generation error
+            if builder == "parquet" and _parquet_rows(name_or_path) == 0:
+                raise DataError(f"dataset file '{name_or_path}' has no rows") from None
+            cause = e.__cause__ or e
+            raise DataError(
+                f"could not read dataset file '{name_or_path}' as {builder} "
+                f"({type(cause).__name__}: {first_line(cause)})"
+            ) from None
+        return ds, os.path.dirname(os.path.abspath(name_or_path))
+    if os.path.isdir(name_or_path):
+        base_dir = os.path.abspath(name_or_path)
+        if any(os.path.exists(os.path.join(name_or_path, f)) for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(name_or_path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"dataset '{name_or_path}' has no split '{split}' (splits: {list(ds)})")
+                ds = ds[split]
+            return ds, base_dir
+        return datasets.load_dataset(name_or_path, config_name, split=split, cache_dir=cache_dir), base_dir
+    try:
+        return datasets.load_dataset(name_or_path, config_name, split=split, cache_dir=cache_dir), os.getcwd()
+    except Exception as e:  # datasets raises many kinds here; all mean the same to a user
+        raise DataError(
+            f"could not load dataset '{name_or_path}': it is not a local file or folder, and loading it from the "
+            f"Hub failed ({type(e).__name__}: {first_line(e)}); offline, pass a local path"
+        ) from None
+
+
+# Copied from train_inversion_dpo._parquet_rows
+def _parquet_rows(path: str):
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
+
+
+# Copied from train_inversion_dpo.check_columns
+def check_columns(dataset, columns: PairColumns, source: str):
+    missing = [c for c in vars(columns).values() if c not in dataset.column_names]
+    if missing:
+        flags = {
+            v: "--"
+            + k.replace("image_", "image_column_")
+            .replace("label_0", "label_column")
+            .replace("caption", "caption_column")
+            for k, v in vars(columns).items()
+        }
+        raise DataError(
+            f"dataset '{source}' has no column '{missing[0]}' (columns: {', '.join(dataset.column_names)}); "
+            f"name the right one with {flags[missing[0]]}"
+        )
+
+
+# a row is skipped (and counted under this reason) when it cannot make a training pair
+# Copied from train_inversion_dpo.BAD_REASONS
+BAD_REASONS = ("bad_label", "bad_caption", "bad_image", "small_image", "large_image")
+
+
+# an image whose shorter side is under resolution / MIN_SIDE_DIVISOR would be upscaled past recognition
+# Copied from train_inversion_dpo.MIN_SIDE_DIVISOR
+MIN_SIDE_DIVISOR = 4
+
+
+# Copied from train_inversion_dpo.BadRow
+class BadRow(ValueError):
+    """One row that cannot be used; ``reason`` is one of BAD_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# Copied from train_inversion_dpo.parse_label
+def parse_label(value) -> float:
+    """``label_0`` as 0.0, 0.5 or 1.0; anything else raises BadRow."""
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        label = math.nan
+    if label not in (0.0, 0.5, 1.0):
+        raise BadRow("bad_label", f"is {value!r}; expected 0, 0.5 or 1")
+    return label
+
+
+# Copied from train_inversion_dpo.parse_caption
+def parse_caption(value) -> str:
+    """The caption as a string (the first of a list); a missing or blank one raises BadRow: a pair trained on the
+    empty prompt would teach a preference to the unconditional model that classifier-free guidance subtracts."""
+    if isinstance(value, (list, tuple)):  # some datasets keep several captions per image
+        value = value[0] if value else None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise BadRow("bad_caption", "is missing")
+    caption = str(value)
+    if not caption.strip():
+        raise BadRow("bad_caption", "is empty")
+    return caption
+
+
+# Copied from train_inversion_dpo.to_rgb
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode PIL decodes: EXIF rotation applied, transparency (RGBA, LA, palette with a transparent
+    colour) composited on white rather than dropped to black, 16/32-bit integer and float greyscale scaled to 8 bits,
+    CMYK and the rest through PIL's conversion."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and array.max(initial=0.0) <= 1.0:
+            array = array * 255.0  # floats in [0, 1]
+        elif image.mode.startswith("I;16") or array.max(initial=0.0) > 255:
+            array = array / 257.0  # 16-bit range onto 8 bits
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+# Copied from train_inversion_dpo.to_pil
+def to_pil(value, base_dir: str = ".", where: str = "") -> Image.Image:
+    """An RGB image (see ``to_rgb``) from JPEG/PNG/... bytes, a ``{"bytes", "path"}`` dict (datasets' Image
+    storage), a path (absolute or relative to ``base_dir``), a numpy array or a PIL image. Raises DataError naming
+    ``where`` (and the file) when it cannot be read, is truncated, or is larger than PIL's decompression-bomb limit."""
+    try:
+        return decode_image(value, base_dir)
+    except BadRow as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+# Copied from train_inversion_dpo.decode_image
+def decode_image(value, base_dir: str = ".") -> Image.Image:
+    """``to_pil`` raising BadRow ("bad_image" or "large_image") instead of DataError."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    name = ""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that: both are a skipped row here, before
+            # any pixel is decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(value, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(value))
+            elif isinstance(value, str):
+                name = f" '{value}'"
+                image = Image.open(value if os.path.isabs(value) else os.path.join(base_dir, value))
+            elif isinstance(value, np.ndarray):
+                image = Image.fromarray(value)
+            elif isinstance(value, Image.Image):
+                image = value
+            elif value is None:
+                raise BadRow("bad_image", "no image (empty value)")
+            else:
+                raise BadRow("bad_image", f"cannot read an image from a {type(value).__name__}")
+            image.load()
+            return to_rgb(image)
+    except BadRow:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadRow("large_image", f"image{name} too large ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise BadRow("bad_image", f"unreadable image{name} (not an image format PIL can decode)") from None
+    except Exception as e:
+        raise BadRow("bad_image", f"unreadable image{name} ({type(e).__name__}: {e})") from None
+
+
+# Copied from train_inversion_dpo.check_row
+def check_row(row: dict, columns: "PairColumns", base_dir: str, min_side: int) -> float:
+    """Checks one row as training will read it (label, caption, both images decoded in full). Returns the label;
+    raises BadRow whose message names the column."""
+    where = ""
+    try:
+        where = f"column '{columns.label_0}' "
+        label = parse_label(row[columns.label_0])
+        if label == 0.5:
+            return label
+        where = f"column '{columns.caption}' "
+        parse_caption(row[columns.caption])
+        for name in (columns.image_0, columns.image_1):
+            where = f"column '{name}': "
+            image = decode_image(row[name], base_dir)
+            if min(image.size) < min_side:
+                raise BadRow("small_image", f"image of {image.width} x {image.height} pixels, under {min_side}")
+    except BadRow as e:
+        raise BadRow(e.reason, where + str(e)) from None
+    return label
+
+
+# Copied from train_inversion_dpo.RowCheck
+@dataclass
+class RowCheck:
+    """What checking a dataset's rows found: the rows to train on, the ties and the skipped rows."""
+
+    keep: List[int] = field(default_factory=list)
+    ties: int = 0
+    bad: List[Tuple[int, str, str]] = field(default_factory=list)  # (row, reason, message)
+    rows: int = 0  # rows checked
+
+    def counts(self) -> Dict[str, int]:
+        out = {"rows": self.rows, "ties_dropped": self.ties, "bad_rows": len(self.bad)}
+        out.update({reason: sum(b[1] == reason for b in self.bad) for reason in BAD_REASONS})
+        out["pairs"] = len(self.keep)
+        return out
+
+
+# Copied from train_inversion_dpo._check_batch
+def _check_batch(batch, columns, base_dir, min_side):
+    status, message = [], []
+    for k in range(len(next(iter(batch.values())))):
+        try:
+            label = check_row({name: batch[name][k] for name in batch}, columns, base_dir, min_side)
+            status.append("tie" if label == 0.5 else "ok")
+            message.append("")
+        except BadRow as e:
+            status.append(e.reason)
+            message.append(str(e))
+    return {"status": status, "message": message}
+
+
+# Copied from train_inversion_dpo.check_rows
+def check_rows(
+    dataset,
+    columns: PairColumns,
+    resolution: int,
+    base_dir: str = ".",
+    max_pairs: Optional[int] = None,
+    num_proc: Optional[int] = None,
+) -> RowCheck:
+    """Decodes every row once, before training, so that training never meets a bad row and a resumed run sees the
+    same rows (datasets caches the result for file-backed datasets). With ``max_pairs``, rows are checked in chunks
+    from the top until that many pairs are found."""
+    check = RowCheck()
+    min_side = max(1, resolution // MIN_SIDE_DIVISOR)
+    start = 0
+    while start < len(dataset) and (max_pairs is None or len(check.keep) < max_pairs):
+        stop = len(dataset) if max_pairs is None else min(len(dataset), start + max(max_pairs - len(check.keep), 256))
+        chunk = dataset if (start, stop) == (0, len(dataset)) else dataset.select(range(start, stop))
+        result = chunk.map(
+            _check_batch,
+            batched=True,
+            remove_columns=chunk.column_names,
+            num_proc=num_proc if num_proc and len(chunk) > num_proc else None,
+            fn_kwargs={"columns": columns, "base_dir": base_dir, "min_side": min_side},
+            desc="checking rows",
+        )
+        for i, (status, message) in enumerate(zip(result["status"], result["message"])):
+            row = start + i
+            if status == "ok":
+                if max_pairs is None or len(check.keep) < max_pairs:
+                    check.keep.append(row)
+            elif status == "tie":
+                check.ties += 1
+            else:
+                check.bad.append((row, status, message))
+        start = stop
+    check.rows = start
+    return check
+
+
+# Copied from train_inversion_dpo.select_pairs
+def select_pairs(dataset, columns: PairColumns, check: RowCheck, source: str, max_bad_fraction: float):
+    """The usable rows of ``dataset``; a one-line DataError when too many rows are bad or none is usable."""
+    if check.bad and len(check.bad) > max_bad_fraction * check.rows:
+        row, _, message = check.bad[0]
+        raise DataError(
+            f"dataset '{source}': {len(check.bad)} of {check.rows} rows are bad "
+            f"({100 * len(check.bad) / check.rows:.1f}%, more than --max_bad_fraction {max_bad_fraction:g}); "
+            f"the first, row {row}: {message}"
+        )
+    if not check.keep:
+        raise DataError(
+            f"dataset '{source}' has no usable pair ({check.rows} rows: {check.ties} ties, {len(check.bad)} bad)"
+        )
+    return dataset.select(check.keep) if len(check.keep) < len(dataset) else dataset
+
+
+# Copied from train_inversion_dpo.raw_images
+def raw_images(dataset, columns: PairColumns):
+    """The dataset with its image columns left undecoded, so that a broken image reaches ``decode_image`` (and is
+    counted) instead of failing inside datasets."""
+    for name in (columns.image_0, columns.image_1):
+        if isinstance(dataset.features.get(name), datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+# Copied from train_inversion_dpo.resize_and_crop
+def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Random] = None, flip: bool = False):
+    """Resizes the shorter side to ``resolution``, crops a square and optionally mirrors it. Returns the crop and its
+    top-left corner (y, x) in the resized image as SDXL's time ids need it: after a flip, the corner of the mirrored
+    crop within the mirrored image."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    if rng is not None:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    else:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    crop = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        return crop.transpose(Image.FLIP_LEFT_RIGHT), (top, new_w - resolution - left)
+    return crop, (top, left)
+
+
+# Copied from train_inversion_dpo.to_tensor
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# Copied from train_inversion_dpo.PreferencePairs
+class PreferencePairs(torch.utils.data.Dataset):
+    """Items: ``pixel_values`` [2, 3, R, R] (winner, loser), ``caption``, ``original_sizes`` [2, 2] (h, w) and
+    ``crop_top_lefts`` [2, 2] (y, x). One horizontal flip is shared by both images of a pair, so the pair still
+    differs only in what the labeller judged. Rows are expected to have passed ``check_rows``; ``row_ids`` are their
+    numbers in the source, for error messages."""
+
+    def __init__(
+        self,
+        dataset,
+        columns: PairColumns,
+        resolution: int,
+        base_dir: str = ".",
+        source: str = "",
+        random_crop: bool = False,
+        seed: int = 0,
+        hflip: bool = False,
+        row_ids: Optional[List[int]] = None,
+    ):
+        self.dataset, self.columns, self.resolution = dataset, columns, resolution
+        self.base_dir, self.source, self.random_crop, self.hflip = base_dir, source, random_crop, hflip
+        self.seed, self.epoch = seed, 0  # the trainer sets epoch before each pass
+        self.row_ids = row_ids
+
+    def augmentation_rng(self, index) -> random.Random:
+        """Flips and crops are a function of (seed, epoch, row), not of a global stream: a resumed run, a prefetching
+        loader and any number of workers all see the same augmentation."""
+        return random.Random(f"{self.seed}/{self.epoch}/{index}")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        rng = self.augmentation_rng(index)
+        return self.load(index, self.draw_flip(rng), rng)
+
+    def draw_flip(self, rng: random.Random) -> bool:
+        """The pair's shared flip: the first draw of its augmentation stream (a cache picks its stored flip so)."""
+        return self.hflip and rng.random() < 0.5
+
+    def load(self, index, flip: bool, rng: Optional[random.Random] = None):
+        """Pair ``index`` with the given flip; ``rng`` draws the random crop (center crop without it)."""
+        row = self.dataset[index]
+        c = self.columns
+        where = f"dataset '{self.source}', row {index if self.row_ids is None else self.row_ids[index]}"
+        try:  # a row that passed check_rows fails here only if its files changed since
+            winner_first = parse_label(row[c.label_0]) == 1.0
+            caption = parse_caption(row[c.caption])
+        except BadRow as e:
+            raise DataError(f"{where}: {e}") from None
+        names = (c.image_0, c.image_1) if winner_first else (c.image_1, c.image_0)
+        pixels, sizes, crops = [], [], []
+        for name in names:
+            image = to_pil(row[name], self.base_dir, f"{where}, column '{name}'")
+            sizes.append((image.height, image.width))
+            image, crop = resize_and_crop(image, self.resolution, rng if self.random_crop else None, flip)
+            pixels.append(to_tensor(image))
+            crops.append(crop)
+        return {
+            "pixel_values": torch.stack(pixels),
+            "caption": caption,
+            "original_sizes": torch.tensor(sizes),
+            "crop_top_lefts": torch.tensor(crops),
+        }
+
+
+# Copied from train_inversion_dpo.collate_pairs
+def collate_pairs(items):
+    return {
+        "pixel_values": torch.stack([i["pixel_values"] for i in items]),  # [B, 2, 3, R, R]
+        "captions": [i["caption"] for i in items],
+        "original_sizes": torch.stack([i["original_sizes"] for i in items]),  # [B, 2, 2]
+        "crop_top_lefts": torch.stack([i["crop_top_lefts"] for i in items]),  # [B, 2, 2]
+    }
+
+
+# Copied from train_inversion_dpo.load_pairs
+def load_pairs(args, accelerator):
+    """Loads the pairs and checks every row once (before the models, so bad data fails fast). Skipped rows are
+    counted by reason and listed in <logging_dir>/bad_rows.jsonl. Returns the dataset and the counts."""
+    columns = PairColumns(args.image_column_0, args.image_column_1, args.label_column, args.caption_column)
+    error = None
+    with accelerator.main_process_first():
+        # the main process goes first (the others then read datasets' cache of a file-backed dataset's check); an
+        # error is raised after the barrier, so that the others are not left waiting at it
+        try:
+            dataset, base_dir = load_pairs_dataset(
+                args.dataset_name, args.dataset_config_name, args.dataset_split_name, args.cache_dir
+            )
+            check_columns(dataset, columns, args.dataset_name)
+            dataset = raw_images(dataset, columns)
+            check = check_rows(
+                dataset,
+                columns,
+                args.resolution,
+                base_dir,
+                max_pairs=args.max_train_samples,
+                num_proc=args.dataloader_num_workers or None,
+            )
+        except DataError as e:
+            error = e
+    if error is not None:
+        raise error
+    counts = check.counts()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.logging_dir, "bad_rows.jsonl"), "w") as f:
+            for row, reason, message in check.bad:
+                f.write(json.dumps({"row": row, "reason": reason, "message": message}) + "\n")
+        for row, _, message in check.bad[:5]:
+            logger.warning(f"{args.dataset_name}, row {row} skipped: {message}")
+    dataset = select_pairs(dataset, columns, check, args.dataset_name, args.max_bad_fraction)
+    logger.info(f"{args.dataset_name}: {counts}")
+    pairs = PreferencePairs(
+        dataset,
+        columns,
+        args.resolution,
+        base_dir=base_dir,
+        source=args.dataset_name,
+        random_crop=args.random_crop,
+        hflip=args.random_flip,
+        seed=args.seed or 0,
+        row_ids=check.keep,
+    )
+    return pairs, counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. DDIM (Song et al. 2021, arXiv 2010.02502, eq. 12 with eta = 0), both ways
+#
+# Sampling and inversion are the same linear relation between two latents at noise levels a_s < a_t
+# (a = alphas_cumprod, larger means cleaner) and one noise prediction e:
+#
+#     x_s / sqrt(a_s) - x_t / sqrt(a_t) = e * (sqrt(1 - a_s) / sqrt(a_s) - sqrt(1 - a_t) / sqrt(a_t))
+#
+# so one pure function moves a latent between two levels. The functions are copies of pipeline_inversion.py's, so
+# the inversion a model is trained on and the one the pipeline computes cannot drift apart.
+
+
+# Copied from train_inversion_dpo.Alpha
+Alpha = Union[float, torch.Tensor]
+
+
+# Copied from train_inversion_dpo._as_tensor
+def _as_tensor(a: Alpha, like: torch.Tensor) -> torch.Tensor:
+    a = torch.as_tensor(a, dtype=torch.float32, device=like.device)
+    # per-sample alphas of shape [B] broadcast over the remaining dims of x
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim)) if a.ndim else a
+
+
+# Copied from train_inversion_dpo.PREDICTION_TYPES
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# Copied from train_inversion_dpo.eps_from_prediction
+def eps_from_prediction(out: torch.Tensor, x_t: torch.Tensor, a_t: Alpha, prediction_type: str) -> torch.Tensor:
+    """The noise prediction implied by a UNet output of ``prediction_type`` at ``x_t`` (level ``a_t``).
+
+    ``v_prediction`` (Salimans & Ho 2022; SD 2.x's 768-v models): ``v = sqrt(a) eps - sqrt(1 - a) x0`` and
+    ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` give ``eps = sqrt(a) v + sqrt(1 - a) x_t``.
+    """
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        a_t = _as_tensor(a_t, x_t)
+        return a_t.sqrt() * out + (1 - a_t).sqrt() * x_t
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
+
+
+# Copied from train_inversion_dpo.ddim_move
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, a_from: Alpha, a_to: Alpha) -> torch.Tensor:
+    """Moves ``x`` from level ``a_from`` to level ``a_to`` along the DDIM ODE with noise ``eps``.
+
+    A move between equal levels returns ``x`` exactly, also at a zero-terminal-SNR schedule's top level, where
+    ``a = 0`` would otherwise divide 0 by 0 (InPO steps to its sampled level even when already there)."""
+    a_from, a_to = _as_tensor(a_from, x), _as_tensor(a_to, x)
+    stay = a_from == a_to
+    x0_hat = (x.float() - (1 - a_from).sqrt() * eps.float()) / torch.where(stay, 1.0, a_from).sqrt()
+    moved = a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * eps.float()
+    return torch.where(stay, x.float(), moved).to(x.dtype)
+
+
+# Copied from train_inversion_dpo.ddim_inverse_step
+def ddim_inverse_step(x_s: torch.Tensor, eps: torch.Tensor, a_s: Alpha, a_t: Alpha) -> torch.Tensor:
+    """Inverts ``x_s`` (level ``a_s``) up to the higher noise level ``a_t``.
+
+    The noise is predicted at the lower latent with the upper label, ``eps = eps(x_s, t)`` (the convention of
+    null-text inversion, of diffusers' ``DDIMInverseScheduler`` and of the official Inversion-DPO code).
+    Equals ``DDIMInverseScheduler.step(eps, t, x_s).prev_sample``.
+    """
+    return ddim_move(x_s, eps, a_s, a_t)
+
+
+# Copied from train_inversion_dpo.DDIMGrid
+class DDIMGrid(NamedTuple):
+    """The N-step grid of a DDIM scheduler, ascending in noise.
+
+    ``timesteps[i]`` is the label of level ``i + 1``; ``alphas[0]`` is the clean level (the scheduler's
+    ``final_alpha_cumprod``, where sampling ends and inversion starts) and ``alphas[i + 1]`` that of
+    ``timesteps[i]``.
+    """
+
+    timesteps: torch.Tensor  # [N] long, ascending
+    alphas: torch.Tensor  # [N + 1] float32
+
+
+# Copied from train_inversion_dpo.ddim_grid
+def ddim_grid(scheduler, num_steps: int, device: Union[str, torch.device] = "cpu") -> DDIMGrid:
+    """Reads the grid from a (copy of a) ``DDIMScheduler``, so the spacing and offset are the model's own."""
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.flip(0).to(torch.long)
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    clean = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).reshape(1)
+    alphas = torch.cat([clean, alphas_cumprod[timesteps]])
+    return DDIMGrid(timesteps.to(device), alphas.to(device))
+
+
+# Copied from train_inversion_dpo.InversionTrajectory
+class InversionTrajectory(NamedTuple):
+    latents: List[torch.Tensor]  # x_1 .. x_N, x_i at level i
+    noises: List[torch.Tensor]  # e_1 .. e_N, e_i = eps(x_{i-1}, t_i) moved x_{i-1} to x_i
+
+
+# Copied from train_inversion_dpo.ddim_invert
+def ddim_invert(eps_fn: Callable, z0: torch.Tensor, grid: DDIMGrid) -> InversionTrajectory:
+    """Walks ``z0`` up the whole grid and keeps every latent and every noise used."""
+    x, latents, noises = z0, [], []
+    for i, t in enumerate(grid.timesteps):
+        e = eps_fn(x, t)
+        x = ddim_inverse_step(x, e, grid.alphas[i], grid.alphas[i + 1])
+        latents.append(x)
+        noises.append(e)
+    return InversionTrajectory(latents, noises)
+
+
+# Copied from train_inversion_dpo.implied_noise
+def implied_noise(x_t: torch.Tensor, z0: torch.Tensor, a_t: Alpha) -> torch.Tensor:
+    """The noise that a one-step denoise from ``x_t`` would need to land exactly on ``z0``.
+
+    ``tau = (x_t - sqrt(a_t) z0) / sqrt(1 - a_t)`` (InPO's reparametrisation, arXiv 2503.18454).
+    """
+    a_t = _as_tensor(a_t, x_t)
+    return (x_t.float() - a_t.sqrt() * z0.float()) / (1 - a_t).sqrt()
+
+
+# Copied from train_inversion_dpo.ddpm_posterior_std
+def ddpm_posterior_std(a_s: Alpha, a_t: Alpha) -> torch.Tensor:
+    """Std of q(x_s | x_t, x_0) for levels a_s > a_t (DDPM eq. 7 between two arbitrary levels); 0 between equal
+    levels (no step), also where both are 0."""
+    a_s, a_t = torch.as_tensor(a_s, dtype=torch.float32), torch.as_tensor(a_t, dtype=torch.float32)
+    stay = a_s == a_t
+    var = (1 - a_s) / torch.where(stay, 1.0, 1 - a_t) * (1 - a_t / torch.where(stay, 1.0, a_s))
+    return torch.where(stay, 0.0, var).clamp(min=0).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Objectives
+#
+# Each objective reads a batch of preference pairs and returns per-pair losses plus what it logs. It never sees
+# `args` or the accelerator: the UNet reaches it as two denoisers, policy(x, t, cond) (the UNet with the LoRA adapter
+# on, with grad) and reference(x, t, cond) (the adapter off, under no_grad), where x stacks winners then losers and
+# cond is a dict of per-row conditioning tensors (any nesting). A denoiser returns the UNet's own output, of
+# ObjectiveConfig.prediction_type: DDIM steps use the noise it implies, and errors are measured in
+# ObjectiveConfig.loss_space (the model's own output by default: on v for a v-prediction model, as diffusers'
+# training examples do; the formulas below write eps for whichever it is).
+#
+# All pair objectives share Diffusion-DPO's form (Wallace et al. 2023, arXiv 2311.12908, eq. 14):
+#
+#     loss = link(-beta / 2 * margin)        link(z) = -log sigmoid(z)   ("sigmoid", default)
+#                                                      relu(1 - z)       ("hinge")
+#                                                      (z - 1/2)^2       ("ipo", Azar et al. 2023, times beta^2)
+#
+# beta here is the beta of the Diffusion-DPO paper with its constant T folded in, and the 1/2 is applied inside (as
+# the diffusers SD1.5 DPO example does): --beta_dpo 5000 here means what --beta_dpo 5000 means there. margin < 0
+# means the policy prefers the winner more than the reference does: that pair counts as correct in `accuracy`. With
+# policy == reference every margin is exactly 0 and the sigmoid loss is log 2.
+
+
+# Copied from train_inversion_dpo.Denoiser
+Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+# Copied from train_inversion_dpo.LOSS_TYPES
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+# Copied from train_inversion_dpo.INVERSION_TARGETS
+INVERSION_TARGETS = ("reference", "step", "x0")
+# Copied from train_inversion_dpo.TIMESTEP_WEIGHTINGS
+TIMESTEP_WEIGHTINGS = ("official", "uniform")
+# Copied from train_inversion_dpo.INVERSION_MARGINS
+INVERSION_MARGINS = ("trajectory", "step")
+# Copied from train_inversion_dpo.LOSS_SPACES
+LOSS_SPACES = ("prediction", "epsilon")
+
+
+# Copied from train_inversion_dpo.mse
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a - b||^2`` as the mean over every element of one sample: shape [B]."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+# Copied from train_inversion_dpo.preference_loss
+def preference_loss(margin: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
+    """The link applied to ``-beta / 2 * margin``; see the top of this section."""
+    z = -0.5 * beta * margin
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(z)
+    if loss_type == "hinge":
+        return F.relu(1 - z)
+    if loss_type == "ipo":
+        return (z - 0.5) ** 2
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+# Copied from train_inversion_dpo.dpo_margin
+def dpo_margin(
+    eps_pol_w: torch.Tensor,
+    eps_ref_w: torch.Tensor,
+    target_w: torch.Tensor,
+    eps_pol_l: torch.Tensor,
+    eps_ref_l: torch.Tensor,
+    target_l: torch.Tensor,
+) -> torch.Tensor:
+    """Diffusion-DPO's margin: how much more the policy improved on the winner's target than on the loser's.
+
+    ``(||tau_w - eps_pol_w||^2 - ||tau_w - eps_ref_w||^2) - (||tau_l - eps_pol_l||^2 - ||tau_l - eps_ref_l||^2)``
+    """
+    return (mse(target_w, eps_pol_w) - mse(target_w, eps_ref_w)) - (
+        mse(target_l, eps_pol_l) - mse(target_l, eps_ref_l)
+    )
+
+
+# Copied from train_inversion_dpo.reference_distance_margin
+def reference_distance_margin(eps_pol_w, eps_ref_w, eps_pol_l, eps_ref_l) -> torch.Tensor:
+    """Inversion-DPO's per-step term with the reference as target (the paper's figure):
+    ``||eps_pol_w - eps_ref_w||^2 - ||eps_pol_l - eps_ref_l||^2`` ("winner fitting, loser diverging").
+
+    Every distance is 0 at policy == reference, so its gradient at initialisation is exactly zero.
+    """
+    return mse(eps_pol_w, eps_ref_w) - mse(eps_pol_l, eps_ref_l)
+
+
+# Copied from train_inversion_dpo.inversion_step_weights
+def inversion_step_weights(alphas: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Weights of the inversion steps from their levels' alphas: official ``1 / (2 a_t)`` or uniform 1.
+
+    A level with ``a_t = 0`` (zero terminal SNR, Lin et al. 2024) gets 0 under ``official``: it holds no image, and
+    there a v-prediction model's eps is ``x_t`` itself, the same for policy and reference, so its term is 0 anyway
+    (``1 / 0`` would make it ``0 * inf = nan``)."""
+    if weighting == "official":
+        return torch.where(alphas > 0, 1.0 / (2.0 * alphas), 0.0)  # alphas carry no grad: the inf is never used
+    if weighting == "uniform":
+        return torch.ones_like(alphas)
+    raise ValueError(f"unknown timestep weighting {weighting!r}; expected one of {TIMESTEP_WEIGHTINGS}")
+
+
+# Copied from train_inversion_dpo.map_cond
+def map_cond(cond, fn):
+    if isinstance(cond, dict):
+        return {k: map_cond(v, fn) for k, v in cond.items()}
+    return fn(cond) if isinstance(cond, torch.Tensor) else cond
+
+
+# Copied from train_inversion_dpo.tile_cond
+def tile_cond(cond, k: int):
+    """Repeats every row block ``k`` times: conditioning for ``k`` stacked copies of the batch."""
+    return cond if k == 1 else map_cond(cond, lambda v: v.repeat(k, *([1] * (v.ndim - 1))))
+
+
+# Copied from train_inversion_dpo.take_cond
+def take_cond(cond, rows: slice):
+    return map_cond(cond, lambda v: v[rows])
+
+
+# Copied from train_inversion_dpo.map_cond_pair
+def map_cond_pair(a, b, fn):
+    """``fn(a_leaf, b_leaf)`` over two conditionings of the same structure (tensor leaves; others from ``a``)."""
+    if isinstance(a, dict):
+        return {k: map_cond_pair(a[k], b[k], fn) for k in a}
+    return fn(a, b) if isinstance(a, torch.Tensor) else a
+
+
+# Copied from train_inversion_dpo.guided
+def guided(denoiser: Denoiser, cond, null_cond, guidance_scale: float) -> Callable:
+    """``eps(x, t)`` with classifier-free guidance: ``eps(null) + g (eps(c) - eps(null))``; g = 1 is one call."""
+    if guidance_scale == 1.0:
+        return lambda x, t: denoiser(x, t, cond)
+
+    stacked_cond = _cat_cond(null_cond, cond)
+
+    def eps(x, t):
+        e_null, e_cond = denoiser(torch.cat([x, x]), torch.cat([t, t]), stacked_cond).chunk(2)
+        return e_null + guidance_scale * (e_cond - e_null)
+
+    return eps
+
+
+# Copied from train_inversion_dpo._cat_cond
+def _cat_cond(a, b):
+    return map_cond_pair(a, b, lambda x, y: torch.cat([x, y]))
+
+
+# Copied from train_inversion_dpo.ObjectiveConfig
+@dataclass
+class ObjectiveConfig:
+    alphas_cumprod: torch.Tensor  # [T] float32, the model's own schedule
+    beta: float = 5000.0
+    loss_type: str = "sigmoid"
+    inversion_grid: Optional[DDIMGrid] = None  # inversion_dpo: the N-step grid
+    inversion_guidance_scale: float = 1.0
+    inversion_target: str = "x0"
+    inversion_grad_steps: Optional[int] = None  # k of N steps back-propagated (unbiased); None = all (exact)
+    inversion_chunk_steps: Optional[int] = None  # steps per policy call with grad; None or >= N: one graph
+    inversion_margin: str = "trajectory"  # or "step": one sampled step per pair (this project's extension)
+    timestep_weighting: str = "uniform"
+    inpo_grid: Optional[DDIMGrid] = None  # inpo: the coarse grid
+    inpo_eta: float = 0.0
+    prediction_type: str = "epsilon"  # what the denoisers return: the UNet's own output
+    loss_space: str = "prediction"  # errors in that output's space, or "epsilon" (converted) whatever it is
+    sft_weight: float = 0.0  # pair objectives: + sft_weight x the sft loss on the winners (``with_winner_sft``)
+    sft_min_timestep: int = 0  # the sft loss draws t from [sft_min_timestep, T)
+    sft_caption_dropout: float = 0.0  # share of the sft loss's rows conditioned on the null caption instead
+    anchor_weight: float = 0.0  # + anchor_weight x the policy's distance to the reference below anchor_max_timestep
+    anchor_max_timestep: int = 0  # the anchor draws t from [0, anchor_max_timestep)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def __post_init__(self):
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"unknown loss_space {self.loss_space!r}; expected one of {LOSS_SPACES}")
+
+    @property
+    def v_space(self) -> bool:
+        """Errors are measured on v (a v-prediction model with ``loss_space="prediction"``), else on the noise."""
+        return self.loss_space == "prediction" and self.prediction_type == "v_prediction"
+
+    def eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise prediction implied by a denoiser's output ``out`` at ``(x, t)`` (what DDIM steps with)."""
+        return eps_from_prediction(out.float(), x.float(), self.alphas_cumprod[t], self.prediction_type)
+
+    def pred(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A denoiser's output in the space where errors are measured."""
+        return out.float() if self.v_space else self.eps(out, x, t)
+
+    def target(self, noise: torch.Tensor, z0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of a row whose noisy latent is ``sqrt(a_t) z0 + sqrt(1 - a_t) noise``, in the
+        loss space: ``noise``, or ``v = sqrt(a_t) noise - sqrt(1 - a_t) z0``. On v, a zero-terminal-SNR model's
+        top level (``a_t = 0``, where its noise prediction is ``x_t`` whatever the weights) still has an error:
+        its estimate of ``z0``, which decides the layout."""
+        if not self.v_space:
+            return noise.float()
+        a = self.alphas_cumprod[t].reshape(-1, *([1] * (noise.ndim - 1)))
+        return a.sqrt() * noise.float() - (1 - a).sqrt() * z0.float()
+
+    def eps_fn(self, denoiser: "Denoiser") -> "Denoiser":
+        """``denoiser`` returning the noise prediction, for DDIM steps."""
+        return lambda x, t, cond: self.eps(denoiser(x, t, cond), x, t)
+
+
+# Copied from train_inversion_dpo.ObjectiveOutput
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # [B], with grad
+    margin: Optional[torch.Tensor] = None  # [B], detached; None for sft
+    logs: Dict[str, torch.Tensor] = field(default_factory=dict)  # scalars, detached
+    # two-pass objectives: ``loss`` carries no grad; each callable recomputes one chunk with grad and returns a [B]
+    # surrogate, and back-propagating every chunk in turn accumulates exactly the gradient of ``loss``
+    grad_chunks: Optional[List[Callable[[], torch.Tensor]]] = None
+
+    def backward_terms(self) -> List[Callable[[], torch.Tensor]]:
+        """What to back-propagate (each ``.mean()``), in order: the chunks, or the loss itself."""
+        return self.grad_chunks or [lambda: self.loss]
+
+
+# Copied from train_inversion_dpo._pair_output
+def _pair_output(margin: torch.Tensor, cfg: ObjectiveConfig, **logs) -> ObjectiveOutput:
+    loss = preference_loss(margin, cfg.beta, cfg.loss_type)
+    return ObjectiveOutput(loss, margin.detach(), {k: v.detach() for k, v in logs.items()})
+
+
+# Copied from train_inversion_dpo._add_noise
+def _add_noise(z0, noise, a_t):
+    a_t = a_t.reshape(-1, *([1] * (z0.ndim - 1)))
+    return a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise
+
+
+# Copied from train_inversion_dpo.diffusion_dpo
+def diffusion_dpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908): one ``t ~ U{0..T-1}`` and one noise ``n`` shared by
+    winner and loser, ``x_t = sqrt(a_t) z0 + sqrt(1 - a_t) n``, ``margin = dpo_margin(..., target = n)``.
+
+    ``z0`` is [2B, ...], winners then losers. Cost: 2 policy rows with grad + 2 reference rows per pair.
+    """
+    B = z0.shape[0] // 2
+    t = torch.randint(0, cfg.num_train_timesteps, (B,), device=z0.device).repeat(2)
+    noise = torch.randn_like(z0[:B]).repeat(2, *([1] * (z0.ndim - 1)))
+    x_t = _add_noise(z0, noise, cfg.alphas_cumprod[t])
+    eps_pol = cfg.pred(policy(x_t, t, cond), x_t, t)
+    with torch.no_grad():
+        eps_ref = cfg.pred(reference(x_t, t, cond), x_t, t)
+    target = cfg.target(noise, z0, t)
+    margin = dpo_margin(eps_pol[:B], eps_ref[:B], target[:B], eps_pol[B:], eps_ref[B:], target[B:])
+    return _pair_output(margin, cfg, timestep=t[:B].float().mean())
+
+
+# Copied from train_inversion_dpo.InversionSteps
+class InversionSteps(NamedTuple):
+    """The reference side of ``inversion_dpo`` for a batch: everything the policy side needs and nothing more. It
+    depends only on the frozen reference, so it can be computed once per dataset and cached (section 6).
+
+    Rows stack winners then losers, as everywhere; ``K`` is the number of trajectory steps held for each row (all N,
+    the cache's stored subset, or one sampled step per pair), and a pair's two rows always hold the same steps.
+    """
+
+    steps: torch.Tensor  # [K, 2B] long: the grid index of each row's step (0 = the step to timesteps[0])
+    x: torch.Tensor  # [K, 2B, C, H, W]: the policy's inputs, x_i (x_{i-1} for the reference target)
+    target: Optional[torch.Tensor]  # [K, 2B, C, H, W]: tau_i; None for the reference target
+    ref_error: Optional[torch.Tensor]  # [K, 2B]: ||tau_i - eps_ref(x_i, t_i)||^2; None for the reference target
+    eps_ref: Optional[torch.Tensor]  # [K, 2B, C, H, W]: eps_ref(x_{i-1}, t_i), the reference target's target
+
+    def take(self, index: torch.Tensor) -> "InversionSteps":
+        """The steps ``index`` ([K', 2B], positions along K) of every row."""
+        rows = torch.arange(index.shape[1], device=index.device)
+        return InversionSteps(*(None if v is None else v[index, rows] for v in self))
+
+
+# Copied from train_inversion_dpo.invert_pairs
+def invert_pairs(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig, steps=None, round_to=None):
+    """The reference's DDIM inversion of each image (with the caption, at the inversion guidance scale) and what the
+    policy side needs at the grid ``steps`` ([K, 2B] long, default every step): the inputs, the targets and the
+    reference's errors. The inversion walks only as far as the highest step asked for.
+
+    ``round_to``: the dtype a cache stores inputs and targets in. They are rounded before the reference is evaluated
+    on them, so that a policy reading them back sees exactly what the reference saw: margin 0 at initialisation.
+    """
+    grid = cfg.inversion_grid
+    N, B2 = len(grid.timesteps), z0.shape[0]
+    if steps is None:
+        steps = torch.arange(N, device=z0.device)[:, None].expand(N, B2)
+    rows = torch.arange(B2, device=z0.device)
+
+    def rounded(v):
+        return v if round_to is None else v.to(round_to).float()
+
+    with torch.no_grad():
+        # walk only as far as needed: the grid up to the highest step asked for (a sub-grid keeps the same levels)
+        top = N if steps.device.type == "meta" else int(steps.max()) + 1  # meta: shapes only, for counting memory
+        invert_eps = guided(cfg.eps_fn(reference), cond, null_cond, cfg.inversion_guidance_scale)
+        sub_grid = DDIMGrid(grid.timesteps[:top], grid.alphas[: top + 1])
+        trajectory = ddim_invert(lambda x, t: invert_eps(x, t.expand(B2)), z0, sub_grid)
+        latents = torch.stack(trajectory.latents)  # [top, 2B, C, H, W]: x_i
+        if cfg.inversion_target in ("reference", "step"):
+            inputs = torch.cat([z0[None], latents[:-1]])  # x_{i-1}: the inversion's own inputs
+        x = rounded((inputs if cfg.inversion_target == "reference" else latents)[steps, rows])  # [K, 2B, C, H, W]
+        t = grid.timesteps[steps]
+
+        # in chunks, as the policy side: one no-grad forward of all K steps would hold K steps' activations
+        def reference_rows(c):  # the steps at positions c, their rows flattened step-major as tile_cond repeats cond
+            x_c, t_c = x[c].flatten(0, 1), t[c].flatten()
+            return cfg.pred(reference(x_c, t_c, tile_cond(cond, len(c))), x_c, t_c)
+
+        chunks = _chunks(list(range(len(steps))), cfg.inversion_chunk_steps or len(steps))
+        eps_ref = torch.cat([reference_rows(c) for c in chunks]).view_as(x)
+        if cfg.inversion_target == "reference":
+            return InversionSteps(steps, x, None, None, eps_ref)
+        if cfg.inversion_target == "step":
+            noise = torch.stack(trajectory.noises)[steps, rows].float()
+            # the clean latent of that step: the DDIM estimate from x_{i-1} (level a_{i-1} > 0) with e_i
+            a_prev = grid.alphas[steps].reshape(*steps.shape, *([1] * (z0.ndim - 1)))
+            x_prev = inputs[steps, rows].float()
+            clean = (x_prev - (1 - a_prev).sqrt() * noise) / a_prev.sqrt()
+        elif cfg.inversion_target == "x0":
+            a_i = grid.alphas[1:][steps]
+            noise = implied_noise(x.flatten(0, 1), z0.repeat(len(steps), 1, 1, 1), a_i.flatten()).view_as(x)
+            clean = z0[None].expand_as(x)
+        else:
+            raise ValueError(f"unknown inversion_target {cfg.inversion_target!r}; expected one of {INVERSION_TARGETS}")
+        target = cfg.target(noise.flatten(0, 1), clean.flatten(0, 1), t.flatten()).view_as(x)
+        target = rounded(target)
+        ref_error = mse(target.flatten(0, 1), eps_ref.flatten(0, 1)).view(steps.shape)
+    return InversionSteps(steps, x, target, ref_error, None)
+
+
+# Copied from train_inversion_dpo.inversion_dpo
+def inversion_dpo(
+    policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig, inverted=None
+) -> "ObjectiveOutput":
+    """Inversion-DPO (Li et al. 2025, arXiv 2507.11554): the noisy latents are the reference's deterministic DDIM
+    inversion ``x_1 .. x_N`` of each image (with the caption, at the inversion guidance scale), not random draws.
+
+    ``margin = (1/N) sum_i w_i m_i`` over every step of the trajectory, inside one link (exact, not a sampled
+    step), with ``w_i = 1 / (2 a_{t_i})`` ("official") or 1, and per-step term ``m_i`` by ``inversion_target``:
+
+    - ``reference`` (the paper's figure and official code): ``||eps_pol - eps_ref||^2`` of winner minus loser at
+      the inversion's own inputs ``(x_{i-1}, t_i)``, both conditional. Zero gradient at initialisation.
+    - ``step`` (this project's extension): ``dpo_margin`` at ``(x_i, t_i)`` with target ``e_i``, the noise with
+      which one DDIM denoising step from ``x_i`` lands exactly on ``x_{i-1}``: "fit the winner's trajectory".
+    - ``x0`` (this project's extension): ``dpo_margin`` at ``(x_i, t_i)`` with target
+      ``(x_i - sqrt(a_i) z0) / sqrt(1 - a_i)``, the noise with which one step lands on ``z0``.
+
+    ``inversion_margin = "step"`` (this project's extension) samples one step i per pair instead and takes
+    ``margin = w_i m_i``, whose expectation is the trajectory margin (Diffusion-DPO's per-timestep form; by Jensen its
+    expected loss bounds the trajectory loss from above). The inversion then walks only up to the sampled steps.
+
+    Cost per pair: N (x2 with guidance) reference inversion rows and N reference rows (the reference side, which
+    ``invert_pairs`` computes and a cache can hold), then the policy side: see ``inversion_policy``.
+
+    ``inverted``: the reference side read from the cache (``InversionSteps``); then no reference call is made here.
+    """
+    if inverted is not None:
+        return inversion_policy(policy, inverted, cond, cfg)
+    steps = None
+    if cfg.inversion_margin == "step":
+        steps = _one_step_per_pair(len(cfg.inversion_grid.timesteps), z0.shape[0] // 2, z0.device)
+    return inversion_policy(policy, invert_pairs(reference, z0, cond, null_cond, cfg, steps), cond, cfg)
+
+
+# Copied from train_inversion_dpo._one_step_per_pair
+def _one_step_per_pair(num_steps: int, B: int, device) -> torch.Tensor:
+    """[1, 2B]: one position in 0..num_steps-1 per pair, shared by its winner and loser."""
+    return torch.randint(0, num_steps, (1, B), device=device).repeat(1, 2)
+
+
+# Copied from train_inversion_dpo.inversion_policy
+def inversion_policy(policy: Denoiser, ref: InversionSteps, cond, cfg: ObjectiveConfig) -> ObjectiveOutput:
+    """The policy side of ``inversion_dpo`` on the reference side ``ref`` (computed now or read from a cache).
+
+    - ``inversion_margin = "step"``: one held step per pair, sampled here (unless only one is held); one policy
+      call with grad.
+    - ``"trajectory"`` with ``inversion_chunk_steps >= K`` and no ``inversion_grad_steps``: all K held steps in one
+      policy call with grad (one pass; activation memory grows with K).
+    - otherwise the two-pass scheme of docs/method.md, exact and with activation memory of ``inversion_chunk_steps``
+      steps whatever K: pass 1 evaluates every step without grad, giving the margin and the link's slope; the
+      returned ``grad_chunks`` recompute steps with grad, a chunk at a time, as ``slope * (1/K) sum w_i m_i``, whose
+      gradients add up to the loss's. With ``inversion_grad_steps = k < K`` only k random steps are recomputed,
+      scaled K/k: an unbiased gradient (the sum sits inside the link, so sampling steps for the loss itself would be
+      biased; sampling them only for d margin is not). Cost: K policy rows without grad, then k (or K) with grad.
+    """
+    if cfg.inversion_margin == "step" and ref.steps.shape[0] > 1:  # (one held step: already sampled)
+        ref = ref.take(_one_step_per_pair(ref.steps.shape[0], ref.steps.shape[1] // 2, ref.steps.device))
+    K, B = ref.steps.shape[0], ref.steps.shape[1] // 2
+    grid = cfg.inversion_grid
+    weights = inversion_step_weights(grid.alphas[1:], cfg.timestep_weighting)[ref.steps[:, :B]]  # [K, B]
+
+    def weighted_terms(chunk):  # [len(chunk), B]: w_i m_i of the held steps at positions `chunk`, one policy call
+        x = ref.x[chunk]
+        t = grid.timesteps[ref.steps[chunk]].flatten()
+        eps_pol = cfg.pred(policy(x.flatten(0, 1), t, tile_cond(cond, len(chunk))), x.flatten(0, 1), t).view_as(x)
+        if ref.eps_ref is not None:
+            pw, pl, rw, rl = eps_pol[:, :B], eps_pol[:, B:], ref.eps_ref[chunk, :B], ref.eps_ref[chunk, B:]
+            terms = reference_distance_margin(pw.flatten(0, 1), rw.flatten(0, 1), pl.flatten(0, 1), rl.flatten(0, 1))
+            terms = terms.view(len(chunk), B)
+        else:
+            errors = mse(ref.target[chunk].flatten(0, 1), eps_pol.flatten(0, 1)).view(len(chunk), 2 * B)
+            errors = errors - ref.ref_error[chunk]
+            terms = errors[:, :B] - errors[:, B:]
+        return weights[chunk] * terms
+
+    everything = list(range(K))
+    chunk_size, k = cfg.inversion_chunk_steps or K, cfg.inversion_grad_steps or K
+    if cfg.inversion_margin == "step" or (chunk_size >= K and k >= K):
+        return _pair_output(weighted_terms(everything).mean(0), cfg)
+
+    with torch.no_grad():
+        margin = torch.cat([weighted_terms(c) for c in _chunks(everything, chunk_size)]).mean(0)
+    slope = _link_slope(margin, cfg)
+    grad_steps = everything if k >= K else torch.randperm(K).tolist()[:k]
+
+    def grad_chunk(chunk):
+        return lambda: slope * weighted_terms(chunk).sum(0) / len(grad_steps)
+
+    grad_chunks = [grad_chunk(c) for c in _chunks(grad_steps, chunk_size)]
+    return ObjectiveOutput(preference_loss(margin, cfg.beta, cfg.loss_type), margin, {}, grad_chunks)
+
+
+# Copied from train_inversion_dpo._chunks
+def _chunks(items: list, size: int) -> List[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# Copied from train_inversion_dpo._link_slope
+def _link_slope(margin: torch.Tensor, cfg) -> torch.Tensor:
+    """d loss / d margin at ``margin``, per pair."""
+    with torch.enable_grad():
+        m = margin.detach().clone().requires_grad_(True)
+        (slope,) = torch.autograd.grad(preference_loss(m, cfg.beta, cfg.loss_type).sum(), m)
+    return slope
+
+
+# Copied from train_inversion_dpo.inpo
+def inpo(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """DDIM-InPO (Lu et al., CVPR 2025, arXiv 2503.18454): one ``t ~ U{0..T-1}`` shared by the pair; each image is
+    inverted without grad by the *current policy* (conditional, guidance 1) on the coarse grid up to its last level
+    at or below ``t``, then one inversion step to ``t`` itself, adding ``eta`` times the DDPM posterior std of fresh
+    noise (shared by the pair) after each step; the target is the implied noise ``tau = (x_t - sqrt(a_t) z0) / sqrt(1 - a_t)``, and the
+    margin is ``dpo_margin`` with ``tau`` in place of Diffusion-DPO's ``n``.
+    """
+    grid, a = cfg.inpo_grid, cfg.alphas_cumprod
+    B = z0.shape[0] // 2
+    t = torch.randint(0, cfg.num_train_timesteps, (B,), device=z0.device).repeat(2)
+    a_t = a[t]
+
+    def step(x, a_from, a_to, label):
+        x_next = ddim_inverse_step(x, cfg.eps(policy(x, label, cond), x, label), a_from, a_to)
+        if cfg.inpo_eta > 0:
+            std = ddpm_posterior_std(a_from, a_to).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+            # one draw per pair, shared by winner and loser, as Diffusion-DPO shares its noise
+            fresh = torch.randn_like(x[:B]).repeat(2, *([1] * (x.ndim - 1)))
+            x_next = x_next + cfg.inpo_eta * std * fresh
+        return x_next
+
+    with torch.no_grad():
+        x, a_cur = z0, grid.alphas[0].expand(z0.shape[0])
+        for i, s in enumerate(grid.timesteps):
+            active = s <= t  # [2B]
+            if not active.any():
+                break
+            x_next = step(x, a_cur, grid.alphas[i + 1].expand_as(a_cur), s.expand_as(t))
+            x = torch.where(active.view(-1, *([1] * (x.ndim - 1))), x_next, x)
+            a_cur = torch.where(active, grid.alphas[i + 1], a_cur)
+        x_t = step(x, a_cur, a_t, t)
+        tau = cfg.target(implied_noise(x_t, z0, a_t), z0, t)
+        eps_ref = cfg.pred(reference(x_t, t, cond), x_t, t)
+    eps_pol = cfg.pred(policy(x_t, t, cond), x_t, t)
+    margin = dpo_margin(eps_pol[:B], eps_ref[:B], tau[:B], eps_pol[B:], eps_ref[B:], tau[B:])
+    return _pair_output(margin, cfg, timestep=t[:B].float().mean())
+
+
+# Copied from train_inversion_dpo.winner_sft_loss
+def winner_sft_loss(policy: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig) -> torch.Tensor:
+    """[B]: the usual diffusion loss ``||n - eps_pol(x_t^w, t)||^2`` of the winners (rows ``:B`` of the stacked
+    batch), with fresh noise and ``t ~ U{sft_min_timestep .. T-1}``; a ``sft_caption_dropout`` share of the rows is
+    conditioned on the null caption instead, as text-to-image fine-tuning drops captions to keep the unconditional
+    branch that classifier-free guidance subtracts in step with the conditional one."""
+    return _winner_losses(policy, [_sft_rows(z0, cond, null_cond, cfg)], cfg)[0]
+
+
+# Copied from train_inversion_dpo.reference_anchor_loss
+def reference_anchor_loss(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """[B]: ``||pred_pol(x_t^w, t) - pred_ref(x_t^w, t)||^2`` on the winners with fresh noise and
+    ``t ~ U{0 .. anchor_max_timestep-1}`` (the same ``sft_caption_dropout`` share on the null caption): it holds the
+    policy to the reference at the levels below the ones the sft term trains. One LoRA serves every level, so a
+    change learnt where the layout is decided also moves the levels that draw the objects' shapes; this keeps them."""
+    return _winner_losses(policy, [_anchor_rows(reference, z0, cond, null_cond, cfg)], cfg)[0]
+
+
+# Copied from train_inversion_dpo._WinnerRows
+@dataclass
+class _WinnerRows:
+    """Noisy winner rows for the policy and what its prediction there is regressed on (no grad)."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: object
+    target: torch.Tensor
+
+
+# Copied from train_inversion_dpo._winner_rows
+def _winner_rows(z0, cond, null_cond, dropout):
+    """The winners' latents and conditioning (rows ``:B``), a ``dropout`` share of the rows on the null caption."""
+    B = z0.shape[0] // 2
+    z0_w, cond_w = z0[:B], take_cond(cond, slice(0, B))
+    if dropout > 0:
+        drop = torch.rand(B, device=z0.device) < dropout
+        null_w = take_cond(null_cond, slice(0, B))
+        cond_w = map_cond_pair(cond_w, null_w, lambda c, n: torch.where(drop.view(-1, *([1] * (c.ndim - 1))), n, c))
+    return z0_w, cond_w
+
+
+# Copied from train_inversion_dpo._sft_rows
+def _sft_rows(z0, cond, null_cond, cfg: ObjectiveConfig) -> _WinnerRows:
+    z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
+    t = torch.randint(cfg.sft_min_timestep, cfg.num_train_timesteps, (z0_w.shape[0],), device=z0.device)
+    noise = torch.randn_like(z0_w)
+    return _WinnerRows(_add_noise(z0_w, noise, cfg.alphas_cumprod[t]), t, cond_w, cfg.target(noise, z0_w, t))
+
+
+# Copied from train_inversion_dpo._anchor_rows
+def _anchor_rows(reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig) -> _WinnerRows:
+    z0_w, cond_w = _winner_rows(z0, cond, null_cond, cfg.sft_caption_dropout)
+    t = torch.randint(0, cfg.anchor_max_timestep, (z0_w.shape[0],), device=z0.device)
+    x_t = _add_noise(z0_w, torch.randn_like(z0_w), cfg.alphas_cumprod[t])
+    with torch.no_grad():
+        ref = cfg.pred(reference(x_t, t, cond_w), x_t, t)
+    return _WinnerRows(x_t, t, cond_w, ref)
+
+
+# Copied from train_inversion_dpo._winner_losses
+def _winner_losses(policy: Denoiser, rows: List[_WinnerRows], cfg: ObjectiveConfig) -> List[torch.Tensor]:
+    """``mse(target, pred_pol)`` per row, [B] per entry of ``rows``, from one policy call on all of them: the sft
+    and anchor rows together cost one batched call instead of two (on the tiny CPU model: 0.79 s a step against
+    0.90 s, ``N = 3``, batch 16)."""
+    x, t = torch.cat([r.x for r in rows]), torch.cat([r.t for r in rows])
+    cond = rows[0].cond
+    for r in rows[1:]:
+        cond = _cat_cond(cond, r.cond)
+    pred = cfg.pred(policy(x, t, cond), x, t)
+    errors = mse(torch.cat([r.target for r in rows]), pred)
+    return list(errors.split([r.x.shape[0] for r in rows]))
+
+
+# Copied from train_inversion_dpo.sft
+def sft(policy: Denoiser, reference: Denoiser, z0, cond, null_cond, cfg: ObjectiveConfig):
+    """Supervised fine-tuning on the winners only (``winner_sft_loss``), plus ``anchor_weight`` times the reference
+    anchor when set: the pair objectives' two terms on the winners (``with_winner_sft``, the sft term at weight 1)
+    without a preference term, with the same draws and one policy call."""
+    no_preference = lambda: ObjectiveOutput(z0.new_zeros(z0.shape[0] // 2))  # noqa: E731
+    return with_winner_sft(no_preference, policy, z0, cond, null_cond, replace(cfg, sft_weight=1.0), reference)
+
+
+# Copied from train_inversion_dpo.with_winner_sft
+def with_winner_sft(
+    objective: Callable[[], ObjectiveOutput], policy: Denoiser, z0, cond, null_cond, cfg, reference=None
+):
+    """A pair objective's output plus ``sft_weight`` times the winners' sft loss (``winner_sft_loss``): a supervised
+    anchor on the preferred images, as RPO (Pang et al. 2024) adds the winner's NLL to DPO. The preference term
+    moves what the pair's images differ in; the anchor keeps the policy's likelihood of the winners from falling,
+    and with fresh noise at high ``t`` it reaches the layout a sample decides from pure noise, which inverted
+    latents (that already hold their image's layout) do not train. One more policy call with grad, on B rows.
+    In the two-pass scheme the term is one more gradient chunk; its gradient adds to the preference's.
+
+    ``objective()`` computes the preference term. The sft term draws its t and noise first, so that they are the
+    same whatever the objective draws (Diffusion-DPO and InPO draw theirs; a run from the cache draws none).
+
+    With ``anchor_weight`` (and ``reference``) it adds ``anchor_weight`` times ``reference_anchor_loss`` too, drawn
+    after the sft term: one reference call without grad on B rows, and B more rows in the sft term's policy call."""
+    terms = []  # (name, weight, rows), drawn in this order
+    if cfg.sft_weight:
+        terms.append(("sft", cfg.sft_weight, _sft_rows(z0, cond, null_cond, cfg)))
+    if cfg.anchor_weight:
+        terms.append(("anchor", cfg.anchor_weight, _anchor_rows(reference, z0, cond, null_cond, cfg)))
+    if not terms:
+        return objective()
+    losses = _winner_losses(policy, [rows for _, _, rows in terms], cfg)
+    out = objective()
+    logs = {**out.logs, **{name: loss.detach().mean() for (name, _, _), loss in zip(terms, losses)}}
+    term = sum(weight * loss for (_, weight, _), loss in zip(terms, losses))
+    if out.grad_chunks is None:
+        return ObjectiveOutput(out.loss + term, out.margin, logs)
+    return ObjectiveOutput(out.loss + term.detach(), out.margin, logs, out.grad_chunks + [lambda: term])
+
+
+# Copied from train_inversion_dpo.OBJECTIVES
+OBJECTIVES: Dict[str, Callable[..., ObjectiveOutput]] = {
+    "diffusion_dpo": diffusion_dpo,
+    "inversion_dpo": inversion_dpo,
+    "inpo": inpo,
+    "sft": sft,
+}
+
+
+# Copied from train_inversion_dpo.training_loss
+def training_loss(objective: str, policy, reference, z0, cond, null_cond, cfg, inverted=None) -> ObjectiveOutput:
+    """What a training step back-propagates: ``OBJECTIVES[objective]`` on each pair, plus ``cfg.sft_weight`` times the
+    winners' sft loss and ``cfg.anchor_weight`` times the reference anchor (``with_winner_sft``); for ``sft`` those
+    winner terms are the objective itself. ``inverted``: inversion_dpo's reference side, read from the cache."""
+    if objective == "sft":
+        return sft(policy, reference, z0, cond, null_cond, cfg)
+    if inverted is not None:
+        return with_winner_sft(
+            lambda: inversion_dpo(policy, reference, z0, cond, null_cond, cfg, inverted),
+            policy, z0, cond, null_cond, cfg, reference,
+        )  # fmt: skip
+    pair_objective = OBJECTIVES[objective]
+    return with_winner_sft(
+        lambda: pair_objective(policy, reference, z0, cond, null_cond, cfg),
+        policy,
+        z0,
+        cond,
+        null_cond,
+        cfg,
+        reference,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Models. First what is particular to SDXL (train_inversion_dpo.py has its own of each of these), then what both
+#    scripts share.
+
+
+class TextEncoders(NamedTuple):
+    """SDXL's text side: two CLIP tokenizers and text encoders, the second with a projection (the pooled embedding).
+    Its null conditioning is all zeros (``force_zeros_for_empty_prompt``), so no empty-prompt embedding is kept."""
+
+    tokenizers: list
+    encoders: list
+
+
+def load_text_encoders(args, device, weight_dtype) -> TextEncoders:
+    model, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    tokenizers = [
+        load_component(CLIPTokenizer, model, name, revision=revision) for name in ("tokenizer", "tokenizer_2")
+    ]
+    text_encoders = [
+        load_component(cls, model, name, revision=revision, variant=variant)
+        for cls, name in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
+    ]
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
+        text_encoder.to(device, dtype=weight_dtype)
+    return TextEncoders(tokenizers, text_encoders)
+
+
+def encode_prompt(prompts: List[str], tokenizers, text_encoders) -> Tuple[torch.Tensor, torch.Tensor]:
     """As ``StableDiffusionXLPipeline.encode_prompt``: both encoders' penultimate hidden states side by side
     [B, L, D1 + D2], and the second encoder's pooled projection [B, P]."""
     hidden_states = []
@@ -57,7 +1728,7 @@ def encode_prompts(tokenizers, text_encoders, prompts):
     return torch.cat(hidden_states, dim=-1), out.text_embeds
 
 
-def time_ids(original_sizes, crop_top_lefts, resolution):
+def time_ids(original_sizes, crop_top_lefts, resolution: int) -> torch.Tensor:
     """SDXL's micro-conditioning of every image, (original h, w, crop top, left, target h, w), from [B, 2, 2]
     (winner, loser) sizes and crops to [2B, 6]: winners, then losers. A pair's two images may differ in size."""
     target = torch.tensor([resolution, resolution]).expand_as(original_sizes)
@@ -65,18 +1736,18 @@ def time_ids(original_sizes, crop_top_lefts, resolution):
     return torch.cat([ids[:, 0], ids[:, 1]]).float()
 
 
-def sdxl_conditioning(tokenizers, text_encoders, batch, resolution, device):
-    """(cond, null_cond) for the UNet, 2B rows each (winners, then losers). The null conditioning is all zeros, text
-    and pooled (SDXL's force_zeros_for_empty_prompt), with the images' own time ids."""
-    embeddings, pooled = encode_prompts(tokenizers, text_encoders, batch["captions"])
+def pair_conditioning(batch, text: TextEncoders, resolution: int):
+    """``(cond, null_cond)``: the UNet's conditioning keyword arguments for 2B rows, the B winners then their B
+    losers. A pair's two images share their caption but each has its own time ids."""
+    embeddings, pooled = encode_prompt(batch["captions"], text.tokenizers, text.encoders)
     embeddings, pooled = torch.cat([embeddings, embeddings]), torch.cat([pooled, pooled])  # [2B, L, D], [2B, P]
-    ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution).to(device, pooled.dtype)
+    ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], resolution).to(pooled.device, pooled.dtype)
     cond = {"encoder_hidden_states": embeddings, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-    return cond, sdxl_null_conditioning(cond)
+    return cond, null_conditioning(cond, text)
 
 
-def sdxl_null_conditioning(cond):
-    """The null conditioning of ``cond``: text and pooled embeddings all zeros, the images' own time ids."""
+def null_conditioning(cond, text: TextEncoders):
+    """The null conditioning of ``cond``'s rows: text and pooled embeddings all zeros, the images' own time ids."""
     added = cond["added_cond_kwargs"]
     return {
         "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
@@ -84,68 +1755,1463 @@ def sdxl_null_conditioning(cond):
     }
 
 
-def main(args):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def make_pipeline(text: TextEncoders, vae, unet, noise_scheduler):
+    """A pipeline around the training UNet for validation samples, sampling with DDIM."""
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text.encoders[0],
+        text_encoder_2=text.encoders[1],
+        tokenizer=text.tokenizers[0],
+        tokenizer_2=text.tokenizers[1],
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+        add_watermarker=False,
+    )
 
-    # 1. Accelerator and logging
-    accelerator = make_accelerator(args)
-    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
-    data = load_pairs(args, accelerator)
 
-    # 2. Frozen models; the reference is the policy's UNet with its adapter off
+# 5b. Shared by both scripts
+
+
+# Copied from train_inversion_dpo.load_component
+def load_component(cls, model, subfolder, **kwargs):
+    """``cls.from_pretrained`` with a one-line error naming the model when it is neither a folder nor reachable.
+    Weights load from safetensors only: a ``.bin`` is a pickle, and unpickling runs code."""
+    if issubclass(cls, torch.nn.Module):
+        kwargs["use_safetensors"] = True
+    try:
+        return cls.from_pretrained(model, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(model) else "Hub id (offline, or no such repository?)"
+        raise DataError(f"could not load '{subfolder}' of model '{model}' as a {where}: {first_line(e)}") from None
+
+
+# Copied from train_inversion_dpo.weight_dtype_of
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+# Copied from train_inversion_dpo.load_diffusion_models
+def load_diffusion_models(args, device, weight_dtype):
+    """The DDIM scheduler, the VAE and the UNet of the model, frozen and on ``device``. The UNet and a fp16-safe VAE
+    hold ``weight_dtype``; a VAE whose config asks for ``force_upcast`` (SDXL's, which overflows in fp16) stays fp32.
+    Weights load from safetensors only (``load_component``)."""
     model, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
     # DDIM: the inversion and validation sampler; its schedule (alphas_cumprod) is the model's own
     noise_scheduler = load_component(DDIMScheduler, model, "scheduler", revision=revision)
-    tokenizers = [
-        load_component(CLIPTokenizer, model, name, revision=revision) for name in ("tokenizer", "tokenizer_2")
-    ]
-    text_encoders = [
-        load_component(cls, model, name, revision=revision, variant=variant)
-        for cls, name in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
-    ]
     if args.pretrained_vae_model_name_or_path:
         vae = load_component(AutoencoderKL, args.pretrained_vae_model_name_or_path, None)
     else:
         vae = load_component(AutoencoderKL, model, "vae", revision=revision, variant=variant)
     unet = load_component(UNet2DConditionModel, model, "unet", revision=revision, variant=variant)
-    for frozen in text_encoders:
+    for frozen in (vae, unet):
         frozen.requires_grad_(False)
-        frozen.to(device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
-    vae.requires_grad_(False)
     vae.to(device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)
-    unet = prepare_unet(unet, args, weight_dtype, device)
+    unet.to(device, dtype=weight_dtype)
+    return noise_scheduler, vae, unet
 
-    # 3. Conditioning: winner and loser share their caption but each has its own time ids
-    def encode_conditioning(batch, device):
-        return sdxl_conditioning(tokenizers, text_encoders, batch, args.resolution, device)
 
-    def make_pipeline(trained_unet):
-        return StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoders[0],
-            text_encoder_2=text_encoders[1],
-            tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1],
-            unet=trained_unet,
-            scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-            add_watermarker=False,
+# Copied from train_inversion_dpo.lora_targets
+def lora_targets(args) -> List[str]:
+    return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+
+# Copied from train_inversion_dpo.add_lora
+def add_lora(unet, args, weight_dtype):
+    """Adds the LoRA adapter ("default", alpha = rank) on ``--lora_target_modules``; its weights stay fp32 whatever
+    the frozen weights' dtype (Adam's updates of fp16 weights underflow)."""
+    unet.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=lora_targets(args))
+    )
+    if weight_dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise InputError("--enable_xformers_memory_efficient_attention needs a CUDA GPU")
+        unet.enable_xformers_memory_efficient_attention()
+
+
+# Copied from train_inversion_dpo.make_optimizer
+def make_optimizer(params, args):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+# Copied from train_inversion_dpo.encode_latents
+def encode_latents(vae, pixel_values):
+    """Deterministic latents (the distribution's mean, docs/method.md) of [B, 2, 3, R, R] pairs, as [2B, C, h, w]:
+    winners then losers. Contiguous: the mean is a channel slice of the encoder's moments, and ``randn_like`` on a
+    strided tensor draws in memory order, so the objectives' noise would otherwise differ from a cached run's."""
+    images = torch.cat([pixel_values[:, 0], pixel_values[:, 1]]).to(vae.device, dtype=vae.dtype)
+    latents = vae.encode(images).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
+
+
+# Copied from train_inversion_dpo.objective_config
+def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
+    def grid(n):
+        return ddim_grid(DDIMScheduler.from_config(noise_scheduler.config), n, device)
+
+    T = noise_scheduler.config.num_train_timesteps
+    if args.sft_min_timestep >= T:
+        raise InputError(f"--sft_min_timestep must be below the model's {T} timesteps, got {args.sft_min_timestep}")
+    if args.anchor_max_timestep > T:
+        raise InputError(
+            f"--anchor_max_timestep must be at most the model's {T} timesteps, got {args.anchor_max_timestep}"
         )
 
-    # 4. Train, validate, save
-    arch = Architecture(
-        "stable-diffusion-xl",
-        StableDiffusionXLPipeline,
-        unet,
-        vae,
-        noise_scheduler,
-        encode_conditioning,
-        make_pipeline,
-        text_encoders=tuple(text_encoders),
-        null_conditioning=sdxl_null_conditioning,
+    return ObjectiveConfig(
+        alphas_cumprod=noise_scheduler.alphas_cumprod.to(device, torch.float32),
+        beta=args.beta_dpo,
+        loss_type=args.loss_type,
+        inversion_grid=grid(args.inversion_steps) if args.objective == "inversion_dpo" else None,
+        inversion_guidance_scale=args.inversion_guidance_scale,
+        inversion_target=args.inversion_target,
+        inversion_grad_steps=args.inversion_grad_steps,
+        inversion_chunk_steps=args.inversion_chunk_steps,
+        inversion_margin=args.inversion_margin,
+        timestep_weighting=args.timestep_weighting,
+        inpo_grid=grid(args.inpo_inversion_steps) if args.objective == "inpo" else None,
+        inpo_eta=args.inpo_eta,
+        prediction_type=prediction_type_of(noise_scheduler),
+        loss_space=args.loss_space,
+        sft_weight=args.sft_weight,
+        sft_min_timestep=args.sft_min_timestep,
+        sft_caption_dropout=args.sft_caption_dropout,
+        anchor_weight=args.anchor_weight,
+        anchor_max_timestep=args.anchor_max_timestep,
     )
-    return train(args, accelerator, arch, data)
+
+
+# Copied from train_inversion_dpo.UNetCounter
+class UNetCounter:
+    """Rows (samples) the UNet was run on, with and without grad: the compute an objective spends."""
+
+    def __init__(self):
+        self.grad_rows, self.no_grad_rows = 0, 0
+
+    def add(self, x):
+        if torch.is_grad_enabled():
+            self.grad_rows += x.shape[0]
+        else:
+            self.no_grad_rows += x.shape[0]
+
+    def take(self):
+        """(rows with grad, rows without) since the last call."""
+        out = (self.grad_rows, self.no_grad_rows)
+        self.grad_rows, self.no_grad_rows = 0, 0
+        return out
+
+
+# Copied from train_inversion_dpo.prediction_type_of
+def prediction_type_of(noise_scheduler) -> str:
+    prediction_type = noise_scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"the model's scheduler predicts {prediction_type!r}; only {PREDICTION_TYPES} can be trained")
+    return prediction_type
+
+
+# Copied from train_inversion_dpo.make_denoisers
+def make_denoisers(accelerator, unet, weight_dtype, noise_scheduler, counter: Optional[UNetCounter] = None):
+    """``policy`` runs the prepared (possibly DDP-wrapped) UNet with the adapter on; ``reference`` the same
+    weights with the adapter off: no second copy of the UNet is ever held. ``counter`` counts their rows.
+
+    Both return the UNet's own output (float32): a noise prediction, or v for a v-prediction model
+    (``noise_scheduler.config.prediction_type``, SD 2.x's 768-v models); the objectives convert it where they need
+    the noise (``ObjectiveConfig.eps``) and measure errors in the space ``--loss_space`` says."""
+    base = accelerator.unwrap_model(unet)
+    counter = counter or UNetCounter()
+    prediction_type_of(noise_scheduler)  # fails early on a type no objective can read
+
+    def policy(x, t, cond):
+        counter.add(x)
+        return unet(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
+
+    def reference(x, t, cond):
+        counter.add(x)
+        base.disable_adapters()
+        try:
+            return base(x.to(weight_dtype), t, **cond, return_dict=False)[0].float()
+        finally:
+            base.enable_adapters()
+
+    return policy, reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. The reference-side cache
+
+
+# Copied from train_inversion_dpo.CACHE_FORMAT
+CACHE_FORMAT = 3  # 2: one tensor per pair in a shard; 3: with each image's clean latent z0
+
+
+# Copied from train_inversion_dpo.STORAGE_DTYPES
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+# Copied from train_inversion_dpo.KEY_FILE
+KEY_FILE = "cache.json"
+
+
+# Copied from train_inversion_dpo.CacheError
+class CacheError(DataError):
+    """A cache that cannot serve this run; the message is one line naming what differs."""
+
+
+# Copied from train_inversion_dpo.stored_step_indices
+def stored_step_indices(num_steps: int, num_stored: Optional[int]) -> List[int]:
+    """``num_stored`` of the grid's ``num_steps`` steps, evenly spaced (the middle of K equal runs); all by default."""
+    if num_stored is None or num_stored >= num_steps:
+        return list(range(num_steps))
+    return [int((j + 0.5) * num_steps / num_stored) for j in range(num_stored)]
+
+
+# Copied from train_inversion_dpo.module_fingerprint
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's frozen weights: every tensor's name, shape and dtype, and the bytes of up to 4096 evenly
+    strided elements of it (any fine-tune changes those). LoRA weights are left out and peft's ``base_layer`` names
+    read as the plain ones, so the same UNet hashes the same with and without an adapter."""
+    h = hashlib.sha256()
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    for name in sorted(tensors):
+        if "lora_" in name:
+            continue
+        flat = tensors[name].detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 4096), device=flat.device).long()
+        sample = flat[index].cpu().contiguous()
+        h.update(f"{name.replace('.base_layer', '')}|{tuple(flat.shape)}|{flat.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# Copied from train_inversion_dpo.probe_batch
+def probe_batch(resolution: int) -> dict:
+    """One caption and an image size: what ``pair_conditioning`` needs to show which text encoders it runs."""
+    return {
+        "captions": ["a probe of the text encoders"],
+        "original_sizes": torch.full((1, 2, 2), resolution),
+        "crop_top_lefts": torch.zeros(1, 2, 2, dtype=torch.long),
+    }
+
+
+# Copied from train_inversion_dpo.tensors_fingerprint
+def tensors_fingerprint(tensors) -> str:
+    """Hash of tensor values rounded to 4 significant digits (stable across kernels and devices)."""
+    h = hashlib.sha256()
+    for v in tensors:
+        h.update(f"{tuple(v.shape)}".encode())
+        h.update(" ".join(f"{x:.3e}" for x in v.detach().float().reshape(-1)[:4096].tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+# Copied from train_inversion_dpo._name
+def _name(path_or_id: Optional[str]) -> Optional[str]:
+    return os.path.abspath(path_or_id) if path_or_id and os.path.exists(path_or_id) else path_or_id
+
+
+# Copied from train_inversion_dpo.cache_key
+def cache_key(args, unet, vae, pairs, cfg: ObjectiveConfig, conditioning_fingerprint: str, weight_dtype) -> dict:
+    """Everything the stored values depend on, and nothing the policy side alone uses (beta, links, chunks...)."""
+    grid = cfg.inversion_grid
+    return {
+        "format": CACHE_FORMAT,
+        "model": {
+            "name": _name(args.pretrained_model_name_or_path),
+            "revision": args.revision,
+            "variant": args.variant,
+            "vae": _name(args.pretrained_vae_model_name_or_path),
+            "unet_weights": module_fingerprint(unet),
+            "vae_weights": module_fingerprint(vae),
+            "conditioning": conditioning_fingerprint,
+            "weights_dtype": str(weight_dtype),
+        },
+        "data": {
+            "name": _name(args.dataset_name),
+            "config": args.dataset_config_name,
+            "split": args.dataset_split_name,
+            "columns": [args.image_column_0, args.image_column_1, args.label_column, args.caption_column],
+            "fingerprint": getattr(pairs.dataset, "_fingerprint", None),
+            "pairs": len(pairs),
+            "resolution": args.resolution,
+            "flips": [False, True] if pairs.hflip else [False],
+        },
+        "inversion": {
+            "steps": len(grid.timesteps),
+            "guidance_scale": cfg.inversion_guidance_scale,
+            "target": cfg.inversion_target,
+            "loss_space": "v" if cfg.v_space else "epsilon",
+            "timesteps": grid.timesteps.tolist(),
+            "alphas": tensors_fingerprint([grid.alphas]),
+            "stored_steps": stored_step_indices(len(grid.timesteps), args.cache_steps),
+        },
+        "storage": args.inversion_cache_dtype,
+    }
+
+
+# Copied from train_inversion_dpo.key_hash
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Copied from train_inversion_dpo.first_difference
+def first_difference(found: dict, expected: dict, prefix: str = "") -> Optional[str]:
+    """``"inversion.steps: the cache has 10, this run 20"`` for the first differing field in the key's own order (the
+    settings a user chose come before what follows from them), or None."""
+    for name in list(expected) + [n for n in found if n not in expected]:
+        a, b = found.get(name), expected.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = first_difference(a, b, f"{prefix}{name}.")
+            if diff:
+                return diff
+        elif a != b:
+            return f"{prefix}{name}: the cache has {json.dumps(a)}, this run {json.dumps(b)}"
+    return None
+
+
+# Copied from train_inversion_dpo.InversionCache
+class InversionCache:
+    def __init__(self, folder: str, key: dict, shard_size: int):
+        self.folder, self.key, self.shard_size = folder, key, shard_size
+        self.hash = key_hash(key)
+        self.num_pairs = key["data"]["pairs"]
+        self.flips = key["data"]["flips"]
+        self.steps = key["inversion"]["stored_steps"]
+        self.dtype = STORAGE_DTYPES[key["storage"]]
+
+    @classmethod
+    def locate(cls, root: str, key: dict, shard_size: int) -> "InversionCache":
+        """``root/<key hash>``, or ``root`` itself when it is one cache's folder (then its key must be this run's)."""
+        own = os.path.join(root, KEY_FILE)
+        if os.path.exists(own):
+            return cls._checked(root, key, own)
+        folder = os.path.join(root, key_hash(key))
+        path = os.path.join(folder, KEY_FILE)
+        if os.path.exists(path):
+            return cls._checked(folder, key, path)
+        return cls(folder, key, shard_size)
+
+    @classmethod
+    def _checked(cls, folder, key, path) -> "InversionCache":
+        with open(path) as f:
+            found = json.load(f)
+        diff = first_difference(found["key"], key)
+        if diff:
+            raise CacheError(f"inversion cache '{folder}' was built for other settings ({diff}); pass its parent folder "
+                             "to build one for this run next to it")  # fmt: skip
+        return cls(folder, key, found["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_pairs / self.shard_size)
+
+    def shard_path(self, shard: int) -> str:
+        return os.path.join(self.folder, f"shard-{shard:05d}.safetensors")
+
+    def missing_shards(self) -> List[int]:
+        return [s for s in range(self.num_shards) if not os.path.exists(self.shard_path(s))]
+
+    def write_key(self):
+        os.makedirs(self.folder, exist_ok=True)
+        _atomic_write(os.path.join(self.folder, KEY_FILE), lambda tmp: _dump_json(tmp, self.meta()))
+
+    def meta(self) -> dict:
+        return {"key": self.key, "hash": self.hash, "shard_size": self.shard_size}
+
+    def bytes_per_pair(self, latent_shape, cond_numel: int) -> int:
+        """At most: the conditioning counted for every flip and image, as if nothing were shared."""
+        size = self.dtype.itemsize
+        if self.key["inversion"]["target"] == "reference":  # x, and eps_ref in float32
+            per_step = math.prod(latent_shape) * (size + 4)
+        else:  # x and target, and ref_error one float32
+            per_step = math.prod(latent_shape) * 2 * size + 4
+        return len(self.flips) * 2 * (len(self.steps) * per_step + math.prod(latent_shape) * size + 4 * cond_numel)
+
+
+# Copied from train_inversion_dpo._size
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+# Copied from train_inversion_dpo._dump_json
+def _dump_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+
+
+# Copied from train_inversion_dpo._atomic_write
+def _atomic_write(path: str, write, suffix: str = ""):
+    """Writes through a temporary file renamed into place: a reader never sees half a file."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# Copied from train_inversion_dpo.flatten_cond
+def flatten_cond(cond, prefix="cond.") -> Dict[str, torch.Tensor]:
+    """``{"cond.encoder_hidden_states": ..., "cond.added_cond_kwargs.time_ids": ...}`` from the UNet's kwargs."""
+    flat = {}
+    for name, value in cond.items():
+        if isinstance(value, dict):
+            flat.update(flatten_cond(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+# Copied from train_inversion_dpo.unflatten_cond
+def unflatten_cond(flat: Dict[str, torch.Tensor]) -> dict:
+    cond = {}
+    for name, value in flat.items():
+        *path, leaf = name.split(".")[1:]
+        node = cond
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return cond
+
+
+# Copied from train_inversion_dpo._pair_major
+def _pair_major(v: torch.Tensor, B: int) -> torch.Tensor:
+    """[K, 2B, ...] (steps, winners then losers) -> [B, 2, K, ...]."""
+    return v.reshape(v.shape[0], 2, B, *v.shape[2:]).transpose(0, 2).contiguous()
+
+
+# Copied from train_inversion_dpo._shared
+def _shared(v: torch.Tensor) -> torch.Tensor:
+    """[S, F, 2, ...] -> the same with the flip and/or image dim cut to 1 where every copy is equal."""
+    for dim in (1, 2):
+        if all(torch.equal(v.select(dim, 0), v.select(dim, j)) for j in range(1, v.shape[dim])):
+            v = v.narrow(dim, 0, 1)
+    return v.contiguous()
+
+
+# Copied from train_inversion_dpo.per_pair
+def per_pair(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``{"x.3": [F, 2, ...], ...}``: one tensor per pair, so that reading a pair reads that pair alone (safetensors
+    materialises a whole tensor to slice it)."""
+    return {f"{name}.{j}": v[j].clone() for name, v in tensors.items() for j in range(v.shape[0])}
+
+
+# Copied from train_inversion_dpo.build_shard
+@torch.no_grad()
+def build_shard(cache: InversionCache, shard: int, pairs, encode, reference, cfg, batch_size: int, autocast):
+    """Inverts the shard's pairs (every stored flip) and writes them; ``encode(batch) -> (z0, cond, null_cond)``."""
+    first, last = shard * cache.shard_size, min((shard + 1) * cache.shard_size, cache.num_pairs)
+    per_flip = []
+    for flip in cache.flips:
+        parts = []
+        for start in range(first, last, batch_size):
+            rows = range(start, min(start + batch_size, last))
+            z0, cond, null_cond = encode(collate_pairs([pairs.load(i, flip) for i in rows]))
+            B = len(rows)
+            steps = torch.tensor(cache.steps, device=z0.device)[:, None].expand(-1, 2 * B)
+            with autocast():
+                inv = invert_pairs(reference, z0, cond, null_cond, cfg, steps, round_to=cache.dtype)
+            part = {
+                "x": _pair_major(inv.x, B).to(cache.dtype),
+                "z0": z0.reshape(2, B, *z0.shape[1:]).transpose(0, 1).to(cache.dtype),  # for --sft_weight
+                **{f: _pair_major(getattr(inv, f), B).float() for f in ("ref_error", "eps_ref") if getattr(inv, f) is not None},
+                **{k: v.reshape(2, B, *v.shape[1:]).transpose(0, 1).float() for k, v in flatten_cond(cond).items()},
+            }  # fmt: skip
+            if inv.target is not None:
+                part["target"] = _pair_major(inv.target, B).to(cache.dtype)
+            parts.append({k: v.cpu() for k, v in part.items()})
+        per_flip.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    tensors = {k: torch.stack([f[k] for f in per_flip], dim=1) for k in per_flip[0]}  # [S, F, 2, ...]
+    tensors.update({k: _shared(v) for k, v in tensors.items() if k.startswith("cond.")})
+    tensors = per_pair(tensors)
+    metadata = {"hash": cache.hash, "first_pair": str(first), "num_pairs": str(last - first)}
+    _atomic_write(cache.shard_path(shard), lambda tmp: save_file(tensors, tmp, metadata), suffix=f"-{os.getpid()}")
+
+
+# Copied from train_inversion_dpo.build_inversion_cache
+def build_inversion_cache(
+    cache: InversionCache, accelerator, pairs, encode, reference, cfg, batch_size: int, bytes_per_pair: int
+):
+    """Builds this process's missing shards (``s % num_processes == process_index``); every process returns once all
+    shards exist."""
+    missing = cache.missing_shards()
+    if accelerator.is_main_process:
+        if not os.path.exists(os.path.join(cache.folder, KEY_FILE)):
+            cache.write_key()
+        total = bytes_per_pair * cache.num_pairs
+        logger.info(
+            f"inversion cache {cache.folder}: {cache.num_pairs} pairs x {len(cache.flips)} flips x "
+            f"{len(cache.steps)} steps, {_size(total)} at most on disk; "
+            + (f"building {len(missing)} of {cache.num_shards} shards" if missing else "complete, reused")
+        )
+    accelerator.wait_for_everyone()
+    mine = [s for s in missing if s % accelerator.num_processes == accelerator.process_index]
+    for i, shard in enumerate(mine):
+        build_shard(cache, shard, pairs, encode, reference, cfg, batch_size, accelerator.autocast)
+        logger.info(f"inversion cache: shard {shard} written ({i + 1}/{len(mine)} of this process)")
+    accelerator.wait_for_everyone()
+    still_missing = cache.missing_shards()
+    if still_missing:
+        raise CacheError(f"inversion cache '{cache.folder}': shard {still_missing[0]} is missing after the build")
+
+
+# Copied from train_inversion_dpo.CachedPairs
+class CachedPairs(torch.utils.data.Dataset):
+    """The cached reference side of each pair, with the flip an uncached run would draw for it this epoch. Items
+    hold ``[2, K, ...]`` tensors (winner, loser) and the conditioning; ``collate_cached`` batches them."""
+
+    def __init__(self, cache: InversionCache, pairs):
+        self.cache, self.pairs = cache, pairs
+        self._open = (None, None)
+
+    @property
+    def epoch(self):
+        return self.pairs.epoch
+
+    @epoch.setter
+    def epoch(self, value):
+        self.pairs.epoch = value
+
+    def __len__(self):
+        return self.cache.num_pairs
+
+    def _handle(self, shard: int):
+        path = self.cache.shard_path(shard)
+        if self._open[0] != path:
+            handle = safe_open(path, framework="pt")
+            if handle.metadata().get("hash") != self.cache.hash:
+                raise CacheError(f"inversion cache shard '{path}' belongs to another cache (hash "
+                                 f"{handle.metadata().get('hash')}, expected {self.cache.hash})")  # fmt: skip
+            self._open = (path, handle)
+        return self._open[1]
+
+    def __getitem__(self, index):
+        flip = self.pairs.draw_flip(self.pairs.augmentation_rng(index))
+        shard, row = divmod(index, self.cache.shard_size)
+        handle = self._handle(shard)
+        f = self.cache.flips.index(flip)
+        item = {"cond": {}}
+        suffix = f".{row}"
+        for key in handle.keys():
+            if not key.endswith(suffix):
+                continue
+            name, value = key[: -len(suffix)], handle.get_tensor(key)  # [F, 2, ...], or 1 where shared
+            value = value[min(f, value.shape[0] - 1)]
+            value = value.expand(2, *value.shape[1:])
+            if name.startswith("cond."):
+                item["cond"][name] = value
+            else:
+                item[name] = value
+        return item
+
+
+# Copied from train_inversion_dpo.collate_cached
+def collate_cached(items) -> dict:
+    batch = {k: torch.stack([i[k] for i in items]) for k in items[0] if k != "cond"}  # [B, 2, K, ...]
+    batch["cond"] = {k: torch.stack([i["cond"][k] for i in items]) for k in items[0]["cond"]}  # [B, 2, ...]
+    return batch
+
+
+# Copied from train_inversion_dpo.cached_inversion_steps
+def cached_inversion_steps(batch: dict, stored_steps: List[int]):
+    """A collated batch as ``(InversionSteps, cond, z0)``: rows winners then losers, as an uncached batch."""
+
+    def rows(v):  # [B, 2, ...] -> [2B, ...]
+        return torch.cat([v[:, 0], v[:, 1]])
+
+    def steps_first(v):  # [B, 2, K, ...] -> [K, 2B, ...]
+        return rows(v).transpose(0, 1).float().contiguous()
+
+    x = steps_first(batch["x"])
+    steps = torch.tensor(stored_steps, device=x.device)[:, None].expand(-1, x.shape[1])
+    fields = {f: steps_first(batch[f]) if f in batch else None for f in ("target", "ref_error", "eps_ref")}
+    cond = unflatten_cond({k: rows(v) for k, v in batch["cond"].items()})
+    return InversionSteps(steps, x, **fields), cond, rows(batch["z0"]).float()
+
+
+# Copied from train_inversion_dpo.prepare_inversion_cache
+def prepare_inversion_cache(args, accelerator, pairs, cfg, reference, unet, vae, text):
+    """Finds (or builds, sharded over the processes) the cache of this run's key; returns the cached dataset."""
+    with torch.no_grad():
+        probe, _ = pair_conditioning(probe_batch(args.resolution), text, args.resolution)
+    probe = flatten_cond(probe)
+    fingerprint = tensors_fingerprint(probe.values())
+    key = cache_key(args, unet, vae, pairs, cfg, fingerprint, weight_dtype_of(accelerator))
+    cache = InversionCache.locate(args.inversion_cache, key, args.inversion_cache_shard_size)
+    size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_shape = (vae.config.latent_channels, size, size)
+    bytes_per_pair = cache.bytes_per_pair(latent_shape, sum(v[0].numel() for v in probe.values()))
+
+    def encode(batch):
+        return encode_latents(vae, batch["pixel_values"]), *pair_conditioning(batch, text, args.resolution)
+
+    build_inversion_cache(cache, accelerator, pairs, encode, reference, cfg, args.train_batch_size, bytes_per_pair)
+    return CachedPairs(cache, pairs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Checkpoints
+
+
+# Copied from train_inversion_dpo.OPTIMIZER_FILE
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+# Copied from train_inversion_dpo.TRAINING_STATE_FILE
+TRAINING_STATE_FILE = "training_state.json"
+
+
+# Copied from train_inversion_dpo.LORA_FILE
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+# Copied from train_inversion_dpo.random_states_file
+def random_states_file(process_index: int) -> str:
+    return f"random_states_{process_index}.safetensors"
+
+
+# Copied from train_inversion_dpo.encode_tree
+def encode_tree(obj, tensors: Dict[str, torch.Tensor], path: str = "s"):
+    """A JSON-able description of ``obj``; its tensors go into ``tensors`` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": path}
+    if isinstance(obj, dict):
+        for key in obj:
+            if not isinstance(key, (int, str)) or isinstance(key, bool):
+                raise TypeError(f"cannot store the key {key!r} at {path} without pickle")
+        return {"dict": [[key, encode_tree(value, tensors, f"{path}.{key}")] for key, value in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        kind = "list" if isinstance(obj, list) else "tuple"
+        return {kind: [encode_tree(value, tensors, f"{path}.{i}") for i, value in enumerate(obj)]}
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot store a {type(obj).__name__} at {path} without pickle")
+
+
+# Copied from train_inversion_dpo.decode_tree
+def decode_tree(node, tensors: Dict[str, torch.Tensor]):
+    ((kind, value),) = node.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "dict":
+        return {key: decode_tree(v, tensors) for key, v in value}
+    if kind == "list":
+        return [decode_tree(v, tensors) for v in value]
+    if kind == "tuple":
+        return tuple(decode_tree(v, tensors) for v in value)
+    return value
+
+
+# Copied from train_inversion_dpo.save_tree
+def save_tree(path: str, obj):
+    tensors = {}
+    tree = encode_tree(obj, tensors)
+    save_file(tensors, path, metadata={"tree": json.dumps(tree)})
+
+
+# Copied from train_inversion_dpo.load_tree
+def load_tree(path: str):
+    with safe_open(path, framework="pt") as f:
+        tree = json.loads(f.metadata()["tree"])
+    return decode_tree(tree, load_file(path))
+
+
+# Copied from train_inversion_dpo.json_tree
+def json_tree(obj):
+    """``encode_tree`` for state with no tensors (a scheduler's, a gradient scaler's)."""
+    tensors = {}
+    tree = encode_tree(obj, tensors)
+    if tensors:
+        raise TypeError(f"state has tensors ({next(iter(tensors))}); store it with save_tree")
+    return tree
+
+
+# Copied from train_inversion_dpo.random_states
+def random_states() -> dict:
+    """Every generator a step draws from: Python's, numpy's legacy global, torch's CPU and CUDA ones."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
+
+
+# Copied from train_inversion_dpo.set_random_states
+def set_random_states(states: dict):
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# Copied from train_inversion_dpo.fsync_folder
+def fsync_folder(folder: str):
+    """Flushes every file of ``folder`` to disk, so that a machine that loses power after the rename that publishes
+    the folder does not publish empty files."""
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Copied from train_inversion_dpo.CHECKPOINT_RE
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# Copied from train_inversion_dpo.PARTIAL_PREFIX
+PARTIAL_PREFIX = ".partial-checkpoint-"
+
+
+# Copied from train_inversion_dpo.lora_state_dict_of
+def lora_state_dict_of(unet):
+    """The adapter's weights under peft's key names (``...to_k.lora_A.weight``), which ``load_lora_weights`` reads for
+    every module. Not ``convert_state_dict_to_diffusers``: it renames only the attention projections (to the old
+    ``to_k.lora.down``), and a file that mixes both namings loses its attention half in stock pipelines whenever
+    ``--lora_target_modules`` reaches further."""
+    return get_peft_model_state_dict(unet)
+
+
+# Copied from train_inversion_dpo.load_lora_into_adapter
+def load_lora_into_adapter(unet, folder):
+    """Loads a saved LoRA into the unet's existing "default" adapter (not a second one, the diffusers DPO example's
+    resume bug)."""
+    state_dict, _ = PIPELINE_CLASS.lora_state_dict(folder, weight_name=LORA_FILE)
+    unet_state = convert_unet_state_dict_to_peft(
+        {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    )
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA in '{folder}' does not fit this UNet: unexpected keys such as {unexpected[0]}")
+
+
+# Copied from train_inversion_dpo.register_lora_hooks
+def register_lora_hooks(accelerator):
+    """Under DeepSpeed or FSDP, where the engines shard the optimizer and checkpoints are theirs: accelerate's
+    save_state/load_state write and read the adapter as pytorch_lora_weights.safetensors."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                PIPELINE_CLASS.save_lora_weights(
+                    output_dir, unet_lora_layers=lora_state_dict_of(accelerator.unwrap_model(model))
+                )
+        while weights:  # nothing else of the frozen model goes into a checkpoint
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            load_lora_into_adapter(accelerator.unwrap_model(models.pop()), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# Copied from train_inversion_dpo.list_checkpoints
+def list_checkpoints(output_dir) -> List[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if CHECKPOINT_RE.match(d)]
+    return sorted(names, key=lambda d: int(CHECKPOINT_RE.match(d).group(1)))
+
+
+# Copied from train_inversion_dpo.engine_checkpoints
+def engine_checkpoints(accelerator) -> bool:
+    """DeepSpeed and FSDP shard the optimizer state and write checkpoints in their own (pickled) formats."""
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+# Copied from train_inversion_dpo.write_training_state
+def write_training_state(folder, accelerator, unet, optimizer, lr_scheduler, step):
+    """A checkpoint's files, none of them a pickle (see the top of section 7): the main process writes the
+    adapter, optimizer, scheduler and step; every process its random states."""
+    if accelerator.is_main_process:
+        PIPELINE_CLASS.save_lora_weights(folder, unet_lora_layers=lora_state_dict_of(accelerator.unwrap_model(unet)))
+        save_tree(os.path.join(folder, OPTIMIZER_FILE), optimizer.state_dict())
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {
+            "step": step,
+            "accelerator_step": accelerator.step,
+            "scheduler": json_tree(lr_scheduler.state_dict()),
+            "scaler": json_tree(scaler) if scaler is not None else None,
+        }
+        with open(os.path.join(folder, TRAINING_STATE_FILE), "w") as f:
+            json.dump(state, f)
+    save_tree(os.path.join(folder, random_states_file(accelerator.process_index)), random_states())
+
+
+# Copied from train_inversion_dpo.read_training_state
+def read_training_state(folder, accelerator, unet, optimizer, lr_scheduler) -> int:
+    """Loads what ``write_training_state`` wrote; returns the step. Nothing is unpickled."""
+    missing = [
+        f for f in (LORA_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE) if not os.path.isfile(os.path.join(folder, f))
+    ]
+    if missing:
+        pickled = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pkl", ".pt"))]
+        raise DataError(
+            f"checkpoint '{folder}' has no {missing[0]}"
+            + (f"; it holds pickles ({', '.join(pickled)}), which this trainer does not load" if pickled else "")
+        )
+    load_lora_into_adapter(accelerator.unwrap_model(unet), folder)
+    optimizer.load_state_dict(load_tree(os.path.join(folder, OPTIMIZER_FILE)))
+    with open(os.path.join(folder, TRAINING_STATE_FILE)) as f:
+        state = json.load(f)
+    lr_scheduler.load_state_dict(decode_tree(state["scheduler"], {}))
+    if state["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(decode_tree(state["scaler"], {}))
+    accelerator.step = state["accelerator_step"]
+    rng_file = os.path.join(folder, random_states_file(accelerator.process_index))
+    if os.path.isfile(rng_file):
+        set_random_states(load_tree(rng_file))
+    else:
+        logger.warning(f"{rng_file} missing (more processes than the run that wrote it?): random streams start anew")
+    return int(state["step"])
+
+
+# Copied from train_inversion_dpo.save_checkpoint
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, training_state=None):
+    """Writes checkpoint-<step> atomically: into a temporary folder, flushed to disk and renamed when complete, so
+    that a crash or kill -9 mid-write never leaves a broken folder for --resume_from_checkpoint latest to pick. Then
+    rotates. ``training_state``: (unet, optimizer, lr_scheduler) for ``write_training_state``."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = os.path.join(output_dir, f"{PARTIAL_PREFIX}{step}")
+    if accelerator.is_main_process:
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+    accelerator.wait_for_everyone()
+    if training_state is None or engine_checkpoints(accelerator):
+        accelerator.save_state(partial)
+    else:
+        write_training_state(partial, accelerator, *training_state, step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fsync_folder(partial)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit] if total_limit > 0 else []:
+                shutil.rmtree(os.path.join(output_dir, old))
+        logger.info(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# Copied from train_inversion_dpo.remove_partial_checkpoints
+def remove_partial_checkpoints(output_dir):
+    """Removes what a save killed mid-write left behind (never picked by ``latest``)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(PARTIAL_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name))
+            logger.warning(f"removed {name}, a checkpoint whose save was interrupted")
+
+
+# Copied from train_inversion_dpo.resolve_resume
+def resolve_resume(resume_from_checkpoint, output_dir) -> Optional[str]:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning(f"no checkpoint in {output_dir}: starting a new run")
+            return None
+        return os.path.join(output_dir, found[-1])
+    if not os.path.isdir(resume_from_checkpoint):
+        raise InputError(f"checkpoint '{resume_from_checkpoint}' does not exist")
+    return resume_from_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Validation, model card, Hub
+
+
+# Copied from train_inversion_dpo.image_grid
+def image_grid(images: List[Image.Image], cols: Optional[int] = None) -> Image.Image:
+    cols = cols or len(images)
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# Copied from train_inversion_dpo.run_validation
+def run_validation(pipeline, prompts, args, accelerator, step, tag="validation"):
+    """Samples every prompt with a fixed seed (the same for every validation), logs and saves a grid."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cpu").manual_seed((args.seed or 0) + i)
+        # autocast: the stock pipelines do not cast latents into a half-precision VAE themselves (bf16 fails
+        # without it). Known risk, unchecked without a GPU: under fp16 it also runs an fp32 SDXL VAE in fp16; the
+        # SDXL recipe uses the fp16-fix VAE.
+        with accelerator.autocast():
+            images.append(
+                pipeline(
+                    prompt,
+                    num_inference_steps=args.validation_num_inference_steps,
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                ).images[0]
+            )
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid = image_grid(images)
+    grid.save(os.path.join(folder, f"{tag}-{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
+    return images
+
+
+# Copied from train_inversion_dpo.SAMPLES_DIR
+SAMPLES_DIR = "samples"
+
+
+# Copied from train_inversion_dpo.GRID_FILE
+GRID_FILE = "validation.png"
+
+
+# what --push_to_hub uploads, and nothing else (no checkpoint, log or validation history)
+# Copied from train_inversion_dpo.UPLOADED
+UPLOADED = [LORA_FILE, "README.md", GRID_FILE, f"{SAMPLES_DIR}/*.png"]
+
+
+# Copied from train_inversion_dpo.is_hub_id
+def is_hub_id(name: str) -> bool:
+    """A Hub repository id (``owner/name``) rather than a local path: only those belong in card metadata."""
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+# Copied from train_inversion_dpo.base_model_license
+def base_model_license(model: str) -> Optional[str]:
+    """The license in the base model's card, read without the network: a local folder's README.md or the Hub cache's
+    copy. None when neither is at hand."""
+    path = os.path.join(model, "README.md") if os.path.isdir(model) else None
+    if path is None and is_hub_id(model):
+        cached = try_to_load_from_cache(model, "README.md")
+        path = cached if isinstance(cached, str) else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return ModelCard.load(path).data.license
+    except Exception:  # a card we cannot parse gives no license, not a failed run
+        return None
+
+
+# Copied from train_inversion_dpo.save_samples
+def save_samples(images, prompts, folder) -> List[tuple]:
+    """The final validation's images as ``samples/<i>.png`` plus their grid; returns (prompt, file) pairs."""
+    os.makedirs(os.path.join(folder, SAMPLES_DIR), exist_ok=True)
+    samples = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        name = f"{SAMPLES_DIR}/{i:02d}.png"
+        image.save(os.path.join(folder, name))
+        samples.append((prompt, name))
+    image_grid(images).save(os.path.join(folder, GRID_FILE))
+    return samples
+
+
+# Copied from train_inversion_dpo.write_model_card
+def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, samples=()):
+    """README.md as a huggingface_hub ModelCard: metadata the Hub validates (base_model, license, datasets, tags,
+    pipeline_tag, library_name, a widget of the final samples) and a body saying how it was trained."""
+    base = args.pretrained_model_name_or_path
+    license_ = args.license or base_model_license(base) or "other"
+    data = ModelCardData(
+        base_model=base if is_hub_id(base) else None,
+        license=license_,
+        datasets=[args.dataset_name] if is_hub_id(args.dataset_name) else None,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["diffusers", "lora", "text-to-image", "inversion-dpo", architecture],
+        widget=[{"text": prompt, "output": {"url": name}} for prompt, name in samples] or None,
+    )
+    objective = args.objective
+    settings = f"beta_dpo {args.beta_dpo:g}, loss {args.loss_type}"
+    if objective == "inversion_dpo":
+        settings += (
+            f", {args.inversion_steps} inversion steps, inversion guidance {args.inversion_guidance_scale:g}"
+            f", target {args.inversion_target}, weighting {args.timestep_weighting}, margin {args.inversion_margin}"
+        )
+    elif objective == "inpo":
+        settings += f", {args.inpo_inversion_steps} coarse inversion steps, eta {args.inpo_eta:g}"
+    if args.sft_weight or objective == "sft":
+        settings += (
+            f", + {args.sft_weight:g} x sft on the winners" if args.sft_weight else ""
+        ) + f", sft t >= {args.sft_min_timestep}, sft caption dropout {args.sft_caption_dropout:g}"
+    if args.anchor_weight:
+        settings += (
+            f", + {args.anchor_weight:g} x distance to the reference on the winners at t < {args.anchor_max_timestep}"
+        )
+        if not (args.sft_weight or objective == "sft"):
+            settings += f", caption dropout {args.sft_caption_dropout:g}"
+    sample_lines = ""
+    if samples:
+        sample_lines = (
+            f"\n## Samples\n\nFrom the final validation (seeds {args.seed or 0}.., "
+            f"{args.validation_num_inference_steps} steps, guidance {args.validation_guidance_scale:g}):\n\n"
+            + "\n".join(f"- `{prompt}`\n\n  ![{prompt}](./{name})\n" for prompt, name in samples)
+        )
+    content = f"""---
+{data.to_yaml()}
+---
+
+# Inversion-DPO LoRA for {base}
+
+A LoRA adapter (rank {args.rank}) trained with `{objective}` ({settings}) on {num_pairs} preference pairs from
+`{args.dataset_name}` for {global_step} optimizer steps (batch {args.train_batch_size} x accumulation
+{args.gradient_accumulation_steps}, learning rate {args.learning_rate:g}, resolution {args.resolution}).
+{sample_lines}
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")
+image = pipe("a prompt").images[0]
+```
+"""
+    card = ModelCard(content)  # parses the metadata back: a card that does not round-trip fails here, not on the Hub
+    card.save(os.path.join(folder, "README.md"))
+    return card
+
+
+# Copied from train_inversion_dpo.push_folder_to_hub
+def push_folder_to_hub(args, folder):
+    """Uploads the adapter, the card and the samples (``UPLOADED``); the Hub validates the card's metadata first."""
+    if not is_hub_id(args.pretrained_model_name_or_path):
+        logger.warning("the base model is a local path: the card names no base_model")
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message="Inversion-DPO LoRA", allow_patterns=UPLOADED
+    )
+    return repo_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. Running: accelerator, signals, non-finite values, metrics
+
+
+# Copied from train_inversion_dpo.make_accelerator
+def make_accelerator(args):
+    report_to = None if args.report_to == "none" else args.report_to
+    if report_to in ("wandb", "all"):
+        from diffusers.utils import is_wandb_available
+
+        if not is_wandb_available():
+            raise InputError("--report_to wandb needs wandb: pip install wandb")
+    stop_with_launcher()  # first: a launcher killed while the data is checked must not leave this process running
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir),
+        # the shuffle follows the seed and the epoch alone, so a resumed run sees the same order
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logger.setLevel(logging.WARNING)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.logging_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+# Copied from train_inversion_dpo.held_gradient_sync
+@contextlib.contextmanager
+def held_gradient_sync(accelerator, model):
+    """For every backward of a micro-step but the last: DDP does not all-reduce (``no_sync``) and DeepSpeed neither
+    reduces nor steps (its backward steps when ``sync_gradients``), so the gradients accumulate locally."""
+    sync = accelerator.sync_gradients
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(sync)
+
+
+# Copied from train_inversion_dpo.MetricsLog
+class MetricsLog:
+    """One JSON object per optimizer step in <logging_dir>/metrics.jsonl (appended to on resume)."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# Copied from train_inversion_dpo.plural
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# Copied from train_inversion_dpo.any_process
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any: all processes take the same branch at a collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0
+
+
+# Copied from train_inversion_dpo.StopRequest
+class StopRequest:
+    """SIGTERM (pre-emption, ``kill``) and SIGINT (Ctrl-C) only set a flag, which the loop reads at the end of an
+    optimizer step: it saves a checkpoint there and stops, never mid-step. A second Ctrl-C stops at once without
+    saving (the last complete checkpoint stays)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.name, self.previous = None, {}
+
+    def handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            os.write(2, b"\nerror: interrupted again: stopped without saving; the last complete checkpoint stays\n")
+            os._exit(130)
+        self.name = signal.Signals(signum).name
+        # os.write, not print: a handler can interrupt a print (tqdm's) and buffered writers are not reentrant
+        os.write(2, f"\n{self.name}: stopping with a checkpoint at the end of this step ...\n".encode())
+
+    def install(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# Copied from train_inversion_dpo.stop_with_launcher
+def stop_with_launcher():
+    """accelerate's single-process launcher waits on the script without passing signals on, so ``kill`` of the
+    launcher would leave the run going on alone. Linux can send the script SIGTERM when its parent dies: asked only
+    when the parent is accelerate's launcher (a shell's exit under nohup must not stop a run)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"accelerate" not in f.read():
+                return
+    except OSError:
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the launcher died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# Copied from train_inversion_dpo.non_finite
+def non_finite(step, what, value, output_dir) -> TrainingError:
+    found = list_checkpoints(output_dir)
+    kept = f"{found[-1]} stays the latest checkpoint" if found else "no checkpoint had been written yet"
+    return TrainingError(
+        f"step {step}: {what} is {value} (not finite); stopped without saving this step, {kept}. "
+        "Lower --learning_rate or --beta_dpo, keep --max_grad_norm on, or use bf16 instead of fp16"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. main
+
+
+# Copied from train_inversion_dpo.main
+def main(args):
+    # 1. Accelerator, logging, seeds
+    accelerator = make_accelerator(args)
+    device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
+
+    # 2. Preference pairs: every row checked once, before the models load, so that bad data fails fast
+    pairs, data_counts = load_pairs(args, accelerator)
+
+    # 3. Models: frozen VAE and text encoders, the UNet with a LoRA adapter. The reference model is the same UNet
+    #    with its adapter off, so no second copy of it is ever held.
+    noise_scheduler, vae, unet = load_diffusion_models(args, device, weight_dtype)
+    text = load_text_encoders(args, device, weight_dtype)
+    add_lora(unet, args, weight_dtype)
+    cfg = objective_config(args, noise_scheduler, device)
+    counter = UNetCounter()  # UNet rows with and without grad: the compute each pair costs, logged per step
+
+    # 4. With --inversion_cache, the reference side of every pair (inversions, targets, reference errors) is read
+    #    from disk, built first where missing; a step then runs no VAE, no text encoder and no inversion
+    if args.inversion_cache:
+        reference = make_denoisers(accelerator, unet, weight_dtype, noise_scheduler)[1]
+        pairs = prepare_inversion_cache(args, accelerator, pairs, cfg, reference, unet, vae, text)
+        if args.inversion_cache_only:
+            accelerator.end_training()
+            return {"cache": pairs.cache.folder}
+        if not args.validation_prompts:  # nothing will run them again: give their memory back to the UNet
+            for frozen in (vae, *text.encoders):
+                frozen.to("cpu")
+    dataloader = torch.utils.data.DataLoader(
+        pairs,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_cached if args.inversion_cache else collate_pairs,
+        num_workers=args.dataloader_num_workers,
+        drop_last=False,
+        # its own generator: iterating never draws from the global RNG that the objectives' noise comes from, so a
+        # resumed run continues that stream exactly
+        generator=torch.Generator().manual_seed(args.seed or 0),
+    )
+
+    # 5. Optimizer, learning-rate schedule, accelerate
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args)
+    steps_per_epoch = math.ceil(
+        math.ceil(len(dataloader) / accelerator.num_processes) / args.gradient_accumulation_steps
+    )
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    if engine_checkpoints(accelerator):
+        register_lora_hooks(accelerator)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    training_state = (unet, optimizer, lr_scheduler)
+    policy, reference = make_denoisers(accelerator, unet, weight_dtype, noise_scheduler, counter)
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("inversion-dpo", config=config)
+
+    # 6. Resume: the same adapter, optimizer, schedule, random streams, step count and data order continue
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args.output_dir)
+    resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if resume_path and engine_checkpoints(accelerator):
+        accelerator.load_state(resume_path)
+        global_step = int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path))).group(1))
+    elif resume_path:
+        global_step = read_training_state(resume_path, accelerator, *training_state)
+    if resume_path:
+        first_epoch = global_step // steps_per_epoch
+        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"resumed from {resume_path} at step {global_step}")
+    total = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"{args.objective}: {len(pairs)} pairs, {plural(num_epochs, 'epoch')}, "
+        f"{plural(args.max_train_steps, 'step')} of {plural(total, 'pair')}"
+    )
+
+    # 7. The loop
+    metrics_log = MetricsLog(os.path.join(args.logging_dir, "metrics.jsonl"), accelerator.is_main_process)
+    progress = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    sums, micro_steps, last = {}, 0, {}
+    last_saved, interrupted = global_step if resume_path else None, None
+    stop = StopRequest().install()
+    step_start = time.perf_counter()
+    unet.train()
+    for epoch in range(first_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        pairs.epoch = epoch
+        epoch_loader = dataloader
+        if epoch == first_epoch and skip_batches:
+            epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in epoch_loader:
+            with accelerator.accumulate(unet):
+                # 7a. Clean latents z0 and conditioning, 2B rows: the B winners, then their B losers
+                inverted = None
+                if args.inversion_cache:
+                    inverted, cond, z0 = cached_inversion_steps(batch, pairs.cache.steps)
+                    null_cond = null_conditioning(cond, text)
+                else:
+                    with torch.no_grad():
+                        z0 = encode_latents(vae, batch["pixel_values"])
+                        cond, null_cond = pair_conditioning(batch, text, args.resolution)
+
+                # 7b. The loss (section 4): the objective on each pair, plus the winner terms when asked
+                with accelerator.autocast():
+                    out = training_loss(args.objective, policy, reference, z0, cond, null_cond, cfg, inverted)
+                loss = out.loss.mean()
+                if any_process(accelerator, not torch.isfinite(loss).item()):
+                    raise non_finite(global_step + 1, "the loss", loss.item(), args.output_dir)
+
+                # 7c. Backward: the loss itself, or the two-pass scheme's chunks in turn, each recomputed with grad
+                #     (the gradients add up to the loss's; they are all-reduced once, with the last)
+                backward_terms = out.backward_terms()
+                for i, term in enumerate(backward_terms):
+                    last_term = i == len(backward_terms) - 1
+                    with contextlib.nullcontext() if last_term else held_gradient_sync(accelerator, unet):
+                        with accelerator.autocast():
+                            term_loss = term().mean()
+                        accelerator.backward(term_loss)
+
+                # 7d. Clip and step
+                if accelerator.sync_gradients:
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure only
+                    grad_norm = accelerator.clip_grad_norm_(params, max_norm)  # None where an engine clips
+                    grad_norm = None if grad_norm is None else float(grad_norm)
+                    # under fp16 an overflow is the gradient scaler's business: it skips the step, lowers its scale
+                    if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
+                        raise non_finite(global_step + 1, "the gradient norm", grad_norm, args.output_dir)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 7e. Metrics, averaged over the micro-steps of an optimizer step and the processes
+            values = {"loss": out.loss.detach()}
+            if out.margin is not None:
+                values.update(margin=out.margin, accuracy=(out.margin < 0).float())
+            values.update(out.logs)
+            # compute per pair: UNet rows with grad (a forward and a backward, about 3 forwards) and without
+            grad_rows, no_grad_rows = counter.take()
+            num_pairs = out.loss.shape[0]
+            values.update(
+                unet_grad_evals_per_pair=torch.tensor(grad_rows / num_pairs, device=device),
+                unet_evals_per_pair=torch.tensor(no_grad_rows / num_pairs, device=device),
+            )
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + accelerator.gather(v.float().reshape(-1)).mean().item()
+            micro_steps += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            if not all(torch.isfinite(p).all() for p in params):
+                raise non_finite(global_step, "an adapter weight", "nan or inf", args.output_dir)
+            progress.update(1)
+            last = {k: v / micro_steps for k, v in sums.items()}
+            # wall-clock of this step's micro-steps, not of the checkpoints and validation that follow it
+            last.update(
+                step=global_step,
+                epoch=epoch,
+                lr=lr_scheduler.get_last_lr()[0],
+                step_seconds=time.perf_counter() - step_start,
+            )
+            if grad_norm is not None:
+                last["grad_norm"] = grad_norm
+            if torch.cuda.is_available():
+                last["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            sums, micro_steps = {}, 0
+            metrics_log.write(last)
+            accelerator.log({k: v for k, v in last.items() if k != "step"}, step=global_step)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('accuracy', float('nan')):.2f}")
+
+            # 7f. Checkpoint (the last step always gets one, so a run can be extended with a larger
+            #     --max_train_steps), validation, and a requested stop at the end of this step
+            if global_step % args.checkpointing_steps == 0 or global_step >= args.max_train_steps:
+                save_checkpoint(
+                    accelerator, args.output_dir, global_step, args.checkpoints_total_limit, training_state
+                )
+                last_saved = global_step
+            if (
+                args.validation_prompts
+                and global_step % args.validation_steps == 0
+                and global_step < args.max_train_steps
+                and accelerator.is_main_process
+            ):
+                pipeline = make_pipeline(text, vae, accelerator.unwrap_model(unet), noise_scheduler)
+                run_validation(pipeline, args.validation_prompts, args, accelerator, global_step)
+            if global_step < args.max_train_steps and any_process(accelerator, stop.name is not None):
+                interrupted = stop.name or "a signal to another process"
+                break
+            if global_step >= args.max_train_steps:
+                break
+            step_start = time.perf_counter()
+        if global_step >= args.max_train_steps or interrupted:
+            break
+    stop.restore()  # from here a signal acts as usual: the last step's checkpoint is already on disk
+
+    if interrupted:
+        if last_saved != global_step:
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, training_state)
+        metrics_log.write({"interrupted": interrupted, "step": global_step, **data_counts})
+        if accelerator.is_main_process:
+            print(
+                f"stopped by {interrupted} at step {global_step} of {args.max_train_steps}: "
+                f"{os.path.join(args.output_dir, f'checkpoint-{global_step}')} is complete. To continue, run the same "
+                "command with --resume_from_checkpoint latest",
+                file=sys.stderr,
+                flush=True,
+            )
+        accelerator.end_training()
+        return last
+
+    # 8. Save: the adapter in the diffusers LoRA format, samples of the final validation, the card, the Hub
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict_of(final_unet))
+        samples = []
+        if args.validation_prompts:
+            pipeline = make_pipeline(text, vae, final_unet, noise_scheduler)
+            images = run_validation(pipeline, args.validation_prompts, args, accelerator, global_step, tag="final")
+            samples = save_samples(images, args.validation_prompts, args.output_dir)
+        write_model_card(args, args.output_dir, ARCHITECTURE, len(pairs), global_step, samples)
+        summary = {"final": True, "step": global_step, **data_counts}
+        metrics_log.write(summary)
+        logger.info(f"saved the LoRA adapter to {args.output_dir}: {summary}")
+        if args.push_to_hub:
+            repo_id = push_folder_to_hub(args, args.output_dir)
+            logger.info(f"pushed to https://huggingface.co/{repo_id}")
+    accelerator.end_training()
+    return last
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    try:
+        main(parse_args())
+    except (InputError, TrainingError) as e:  # bad input or a diverged run: one line naming it, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # outside the training loop (loading, checking data, the final save)
+        print("error: interrupted outside a training step; the last complete checkpoint stays", file=sys.stderr)
+        sys.exit(130)

@@ -15,7 +15,7 @@ process of its own, with one torch thread:
 - UNet rows per pair: the trainer's own count (``unet_grad_evals_per_pair``, ``unet_evals_per_pair`` in
   metrics.jsonl); "forward-equivalents" weighs a row with grad 3 (forward + backward ~ 2 forwards) and one without 1
   (method.md's cost model);
-- peak memory: the largest total of tensor storages alive during ``train()`` (``inversion_dpo/memory.py``), i.e.
+- peak memory: the largest total of tensor storages alive during ``train()`` (``benchmarks/memory.py``), i.e.
   activations, gradients, optimizer state and temporaries above the loaded weights. Measured in separate runs, as the
   counter slows the run down.
 """
@@ -43,7 +43,7 @@ def child(spec: dict):
     import torch
 
     import train_inversion_dpo as script
-    from inversion_dpo.memory import PeakTensorMemory
+    from benchmarks.memory import PeakTensorMemory
 
     torch.set_num_threads(1)
     peak = {}
@@ -98,7 +98,7 @@ def run_child(flags, memory=False):
 
 def model_and_pairs(args):
     if args.tiny:
-        from inversion_dpo.tiny import save_tiny_pairs, save_tiny_sd
+        from tests.tiny import save_tiny_pairs, save_tiny_sd
 
         model = os.path.join(args.work_dir, "tiny-sd")
         if not os.path.exists(model):

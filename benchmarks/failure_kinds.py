@@ -6,7 +6,7 @@
 Samples the held-out two-object prompts (``--held_images`` each) and every ``--train_every``-th train two-object
 prompt (``--train_images`` each) with the base and with each adapter, at stock diffusers settings unless told (50
 DDIM steps, guidance 7.5), from seeds ``--seed``, ``--seed`` + 1, ...; scores every sample and counts it under
-``shapes_eval.FAILURE_KINDS`` (pass, only the relation wrong, the two colours swapped, an extra object, an object's
+``shapes.sampling.FAILURE_KINDS`` (pass, only the relation wrong, the two colours swapped, an extra object, an object's
 colour, shape, or the object missing). Prints a markdown table, also written to ``--output`` when given.
 """
 
@@ -47,29 +47,29 @@ def parse_args(argv=None):
 def main(args):
     import torch
 
-    from inversion_dpo import shapes, shapes_eval
+    from shapes import sampling, world
 
     torch.set_num_threads(args.threads)
     first = slice(args.max_prompts)
     groups = {
         f"held-out ({args.held_images} a prompt)": (
-            [str(p) for p in shapes.heldout_prompts()][first],
+            [str(p) for p in world.heldout_prompts()][first],
             args.held_images,
         ),
         f"train, every {args.train_every} ({args.train_images} a prompt)": (
-            [str(p) for p in shapes.train_prompts(2)][:: args.train_every][first],
+            [str(p) for p in world.train_prompts(2)][:: args.train_every][first],
             args.train_images,
         ),
     }
     models = {"base": None, **dict(zip(args.names, args.adapters))}
     counts = {}  # (group, model) -> {kind: n}
     for name, adapter in models.items():
-        pipe = shapes_eval.load_pipeline(args.model, lora_path=adapter)
+        pipe = sampling.load_pipeline(args.model, lora_path=adapter)
         for group, (prompts, n) in groups.items():
-            _, results = shapes_eval.sample_and_score(
+            _, results = sampling.sample_and_score(
                 pipe, prompts, n, seed=args.seed, steps=args.steps, guidance=args.guidance
             )
-            counts[group, name] = shapes_eval.failure_counts(results)
+            counts[group, name] = sampling.failure_counts(results)
         print(f"sampled {name}", file=sys.stderr, flush=True)
     columns = [(g, m) for g in groups for m in models]
     lines = [
@@ -79,7 +79,7 @@ def main(args):
         "|---" * (len(columns) + 1) + "|",
     ]
     totals = {col: sum(counts[col].values()) for col in columns}
-    for kind in shapes_eval.FAILURE_KINDS:
+    for kind in sampling.FAILURE_KINDS:
         cells = [f"{counts[col][kind]} ({100 * counts[col][kind] / totals[col]:.1f}%)" for col in columns]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)

@@ -7,7 +7,7 @@
 The real architectures are built from their published configs (written below) on the meta device, where tensors
 have shapes and dtypes but no storage. One training step of a pair (batch 1) then runs there through the trainer's
 own code (``prepare_unet``, ``make_denoisers``, ``encode_latents``, the objectives, ``backward_objective``), and
-``inversion_dpo/memory.py`` counts the tensor storages it creates: activations, gradients and temporaries. To that
+``benchmarks/memory.py`` counts the tensor storages it creates: activations, gradients and temporaries. To that
 are added the weights (UNet, VAE and text encoders in fp16, SDXL's VAE in fp32 as its config asks; a run from the
 cache without validation prompts moves the VAE and text encoders to the CPU) and AdamW's state for the LoRA (8 bytes per
 parameter; 2 with 8-bit Adam). Attention is counted as memory-efficient attention keeps it on a GPU (output and
@@ -18,7 +18,6 @@ fragmentation, and kernel workspaces come on top. Read the "fits" columns with t
 """
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -134,32 +133,31 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
     """Peak bytes of the encoding and of the UNet part of one training step of one pair; LoRA and weight sizes."""
     from diffusers import DDIMScheduler
 
-    from inversion_dpo.memory import PeakTensorMemory
-    from inversion_dpo.objectives import OBJECTIVES, InversionSteps, inversion_policy
-    from inversion_dpo.training import (
-        backward_objective,
-        build_parser,
+    from benchmarks.memory import PeakTensorMemory
+    from train_inversion_dpo import (
+        OBJECTIVES,
+        InversionSteps,
+        add_lora,
         encode_latents,
+        inversion_policy,
         make_denoisers,
         objective_config,
-        prepare_unet,
+        parse_args,
     )
 
     unet, vae, texts = build(spec, dtype)
     # the trainer's own flags and defaults, with this row's settings
-    args = build_parser("memory", spec["resolution"]).parse_args(
-        ["--pretrained_model_name_or_path", "-", "--dataset_name", "-"]
+    args = parse_args(
+        ["--pretrained_model_name_or_path", "-", "--dataset_name", "-", "--resolution", str(spec["resolution"])]
     )
     args.rank, args.gradient_checkpointing = rank, gradient_checkpointing
     for name, value in objective_flags.items():
         setattr(args, name, value)
-    unet = prepare_unet(unet, args, dtype, "meta")
+    unet.requires_grad_(False)
+    unet.to("meta", dtype=dtype)
+    add_lora(unet, args, dtype)
     lora = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    # a single process: what backward_objective and make_denoisers use of an accelerator
-    accelerator = SimpleNamespace(device="meta", unwrap_model=lambda m: m, sync_gradients=True,
-                                  autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                                  no_sync=lambda m: contextlib.nullcontext(),
-                                  gradient_state=SimpleNamespace(_set_sync_gradients=lambda value: None))  # fmt: skip
+    accelerator = SimpleNamespace(device="meta", unwrap_model=lambda m: m)  # what make_denoisers uses of one
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     policy, reference = make_denoisers(accelerator, unet, dtype, scheduler)
     cfg = objective_config(args, scheduler, "meta")
@@ -176,7 +174,8 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
             out = inversion_policy(policy, ref, cond, cfg)
         else:
             out = OBJECTIVES[args.objective](policy, reference, z0, cond, null, cfg)
-        backward_objective(accelerator, unet, out)
+        for term in out.backward_terms():  # as the trainer's loop: the loss, or the two-pass chunks in turn
+            term().mean().backward()
     return {
         "encode": 0 if cached else encoding.peak,
         "step": step.peak,

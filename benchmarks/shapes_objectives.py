@@ -47,11 +47,24 @@ RUNS = {
 }
 
 
+def trainer_flags():
+    """The flags train_inversion_dpo.py knows, as its --help lists them."""
+    import contextlib
+    import io
+
+    import train_inversion_dpo as trainer
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        trainer.parse_args(["--help"])
+    return set(re.findall(r"--[a-z0-9_]+", text.getvalue()))
+
+
 def split_run(spec, known, what="run label"):
     """``"diffusion_dpo --beta_dpo 500"`` -> ``("diffusion_dpo", ["--beta_dpo", "500"])``: a label among ``known`` and
     flags of train_inversion_dpo.py that go after the label's own (the later flag wins), checked by the trainer's
     parser, so that a typo stops the benchmark before it samples anything."""
-    from inversion_dpo.training import build_parser
+    import train_inversion_dpo as trainer
 
     words = shlex.split(spec)
     if not words or words[0] not in known:
@@ -59,11 +72,13 @@ def split_run(spec, known, what="run label"):
             f"error: unknown {what} {spec!r}; expected one of {list(known)}, optionally followed by trainer flags"
         )
     extra = words[1:]
-    _, unknown = build_parser("", 512).parse_known_args(
-        [*extra, "--pretrained_model_name_or_path", "-", "--dataset_name", "-"]
-    )
+    unknown = [w for w in extra if w.startswith("--") and w.split("=")[0] not in trainer_flags()]
     if unknown:
         raise SystemExit(f"error: {what} {spec!r}: {unknown[0]!r} is not a flag of train_inversion_dpo.py")
+    try:
+        trainer.parse_args([*extra, "--pretrained_model_name_or_path", "-", "--dataset_name", "-"])
+    except (SystemExit, trainer.InputError) as e:
+        raise SystemExit(f"error: {what} {spec!r}: {e}") from None
     return words[0], extra
 
 
@@ -125,7 +140,7 @@ def forward_equivalents(record) -> float:
 
 def train(args, label, seed, pairs, run_dir, run_flags):
     """One run of the real trainer: ``args.train_args``, then the run's own flags ``run_flags`` (the later flag wins)."""
-    from inversion_dpo.training import cpu_launch_command
+    from demo import cpu_launch_command
 
     if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
         return
@@ -140,7 +155,7 @@ def train(args, label, seed, pairs, run_dir, run_flags):
     print(f"train {label} seed {seed}", flush=True)
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     with open(run_dir + ".log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=HERE))
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 def load_results(path, key_fields):
@@ -170,25 +185,27 @@ def compute_by_step(run_dir):
 def main(args):
     import torch
 
-    from inversion_dpo import shapes, shapes_eval, shapes_pairs
-    from inversion_dpo.report import line_plot, mean_interval, win_rate
+    from evaluation.plots import line_plot
+    from evaluation.stats import mean_interval, win_rate
+    from shapes import sampling, world
+    from shapes.pairs import make_pairs
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     runs = split_runs(args.runs, RUNS)
-    pipe = shapes_eval.load_pipeline(args.model)
+    pipe = sampling.load_pipeline(args.model)
 
     pairs = args.pairs or os.path.join(args.output_dir, "pairs.parquet")
     if not os.path.exists(pairs):
-        print(shapes_pairs.make_pairs(pipe, args.pair_prompts, args.images_per_prompt, pairs, seed=1), flush=True)
+        print(make_pairs(pipe, args.pair_prompts, args.images_per_prompt, pairs, seed=1), flush=True)
 
-    prompts = [str(p) for p in shapes.heldout_prompts()][: args.eval_prompts]
+    prompts = [str(p) for p in world.heldout_prompts()][: args.eval_prompts]
     results_path = os.path.join(args.output_dir, "results.jsonl")
     done = load_results(results_path, ("run", "seed", "step"))
 
     def evaluate(key):
         if key not in done:
-            _, results = shapes_eval.sample_and_score(pipe, prompts, args.eval_images, seed=10_000)
+            _, results = sampling.sample_and_score(pipe, prompts, args.eval_images, seed=10_000)
             scores = [s for rs in results for s in rs]
             done[key] = {"run": key[0], "seed": key[1], "step": key[2], "scores": [s.score for s in scores],
                          "passed": [bool(s.passed) for s in scores]}  # fmt: skip
@@ -204,7 +221,7 @@ def main(args):
             compute = compute_by_step(run_dir)
             for step in range(args.eval_every, args.max_train_steps + 1, args.eval_every):
                 if (label, seed, step) not in done:
-                    shapes_eval.load_adapter(pipe, os.path.join(run_dir, f"checkpoint-{step}"))
+                    sampling.load_adapter(pipe, os.path.join(run_dir, f"checkpoint-{step}"))
                     evaluate((label, seed, step))
                     pipe.unload_lora_weights()
                 done[(label, seed, step)].update(seconds=compute[step][0], unet_evals=compute[step][1])

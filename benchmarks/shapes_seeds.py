@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "benchmarks"))
 
-from inversion_dpo.shapes_eval import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
+from shapes.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: E402
 
 
 def variant_flags(variant, train_args):
@@ -46,12 +46,10 @@ def variant_flags(variant, train_args):
         return []
     if variant in ("diffusion_dpo", "inpo"):
         return ["--objective", variant]
-    from inversion_dpo.training import build_parser
+    import train_inversion_dpo as trainer
 
     # the trainer's own parser reads the recipe: the last of a repeated flag wins, and unset flags take its defaults
-    recipe = build_parser("", 512).parse_args(
-        [*train_args, "--pretrained_model_name_or_path", "-", "--dataset_name", "-"]
-    )
+    recipe = trainer.parse_args([*train_args, "--pretrained_model_name_or_path", "-", "--dataset_name", "-"])
     if recipe.sft_weight <= 0:
         raise SystemExit("error: --variants no_preference trains the recipe's sft term alone; its --sft_weight is 0")
     return ["--objective", "sft", "--sft_weight", "0", "--anchor_weight", repr(recipe.anchor_weight / recipe.sft_weight),
@@ -103,23 +101,23 @@ def main(args):
     from shapes_objectives import load_results, split_runs, train
 
     import demo
-    from inversion_dpo import shapes, shapes_eval
-    from inversion_dpo.report import mean_interval
+    from evaluation.stats import mean_interval
+    from shapes import sampling, world
 
     variants = split_runs(args.variants, VARIANTS, "variant")
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
-    pipe = shapes_eval.load_pipeline(args.model)
+    pipe = sampling.load_pipeline(args.model)
     pairs = args.pairs or os.path.join(args.output_dir, "pairs.parquet")
     if not os.path.exists(pairs):
         print(demo.make_demo_pairs(pipe, demo.parse_args([]), pairs), flush=True)
 
     first = slice(args.max_eval_prompts)
     groups = [
-        ("held-out", [str(p) for p in shapes.heldout_prompts()][first], args.eval_images, s) for s in args.eval_seeds
+        ("held-out", [str(p) for p in world.heldout_prompts()][first], args.eval_images, s) for s in args.eval_seeds
     ]
     if not args.no_train_prompts:
-        groups.append(("train", [str(p) for p in shapes.train_prompts(2)][first], 1, args.train_prompt_seed))
+        groups.append(("train", [str(p) for p in world.train_prompts(2)][first], 1, args.train_prompt_seed))
     # a set's name says what it holds, so that results of other sizes or settings are never reused for it
     settings = (args.eval_steps, args.eval_guidance)
     sampler = (
@@ -134,7 +132,7 @@ def main(args):
         for name, (prompts, n, seed) in sets.items():
             if (run, name) in done:
                 continue
-            _, results = shapes_eval.sample_and_score(
+            _, results = sampling.sample_and_score(
                 pipe, prompts, n, seed=seed, steps=args.eval_steps, guidance=args.eval_guidance
             )
             flat = [r for rs in results for r in rs]
@@ -159,7 +157,7 @@ def main(args):
             # (the pairs, the base, the inversion settings), so a variant that changes them gets a cache of its own
             cache = ["--inversion_cache", os.path.join(args.output_dir, "inversion_cache")]
             train(flags, variant, seed, pairs, run_dir, run_flags=cache if kind == "inversion_dpo" else [])
-            shapes_eval.load_adapter(pipe, run_dir)
+            sampling.load_adapter(pipe, run_dir)
             evaluate(run_name(variant, seed))
             pipe.unload_lora_weights()
 

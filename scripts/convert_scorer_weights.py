@@ -38,9 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from inversion_dpo.data import DataError, first_line  # noqa: E402
-from inversion_dpo.scorers import IMAGEREWARD_HEAD  # noqa: E402
-from inversion_dpo.training import run_cli  # noqa: E402
+from evaluation.scorers import IMAGEREWARD_HEAD, InputError, first_line, run_cli  # noqa: E402
 
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]  # open_clip's and ImageReward's normalisation
@@ -61,21 +59,21 @@ def read_state_dict(path: str, what: str) -> dict:
     """The checkpoint's tensors by name: unwrapped from ``{"state_dict": ...}`` (or ``{"model": ...}``), without a
     ``module.`` prefix (DataParallel's). One-line errors naming the file."""
     if not os.path.isfile(path):
-        raise DataError(f"{what}: no file '{path}'")
+        raise InputError(f"{what}: no file '{path}'")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or it holds objects that are not tensors
-        raise DataError(f"{what}: could not read '{path}' as a torch state dict ({type(e).__name__}: "
-                        f"{first_line(e)})") from None  # fmt: skip
+        raise InputError(f"{what}: could not read '{path}' as a torch state dict ({type(e).__name__}: "
+                         f"{first_line(e)})") from None  # fmt: skip
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj:
-        raise DataError(f"{what}: '{path}' is not a state dict (it holds a {type(obj).__name__})")
+        raise InputError(f"{what}: '{path}' is not a state dict (it holds a {type(obj).__name__})")
     state = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise DataError(f"{what}: '{path}' is not a state dict (its entry '{key}' is a {type(value).__name__})")
+            raise InputError(f"{what}: '{path}' is not a state dict (its entry '{key}' is a {type(value).__name__})")
         state[key[len("module.") :] if key.startswith("module.") else key] = value
     return state
 
@@ -93,8 +91,8 @@ class Source:
         for key in keys:
             if key not in self.state:
                 first = ", ".join(list(self.state)[:3])
-                raise DataError(f"{self.what}: '{self.path}' is not {self.layout}: no '{key}' (its keys begin "
-                                f"{first}, ...)")  # fmt: skip
+                raise InputError(f"{self.what}: '{self.path}' is not {self.layout}: no '{key}' (its keys begin "
+                                 f"{first}, ...)")  # fmt: skip
 
     def has(self, key: str) -> bool:
         return key in self.state
@@ -116,7 +114,7 @@ class Source:
         0..n-1."""
         indices = sorted({int(m.group(1)) for k in self.state for m in [re.fullmatch(pattern, k)] if m})
         if indices != list(range(len(indices))) or not indices:
-            raise DataError(f"{self.what}: '{self.path}': layers {indices[:8]} of '{pattern}' are not 0..n-1")
+            raise InputError(f"{self.what}: '{self.path}': layers {indices[:8]} of '{pattern}' are not 0..n-1")
         return len(indices)
 
     def check_all_used(self, known_prefixes=("",)):
@@ -127,8 +125,8 @@ class Source:
         left = [k for k in self.state if k not in self.taken and k not in self.ignored]
         unknown = [k for k in left if k.startswith(known_prefixes)]
         if unknown:
-            raise DataError(f"{self.what}: '{self.path}' has {len(unknown)} tensors this converter does not know, "
-                            f"first '{unknown[0]}': not {self.layout} as published")  # fmt: skip
+            raise InputError(f"{self.what}: '{self.path}' has {len(unknown)} tensors this converter does not know, "
+                             f"first '{unknown[0]}': not {self.layout} as published")  # fmt: skip
         for key in left:  # outside the parts the score uses
             self.ignore(key)
 
@@ -136,7 +134,7 @@ class Source:
 def heads_for(width: int, flag, default: int, what: str, tower: str) -> int:
     heads = flag or default
     if heads < 1 or width % heads:
-        raise DataError(f"{what}: {heads} heads do not divide the {tower} width {width}: give --{tower}_heads")
+        raise InputError(f"{what}: {heads} heads do not divide the {tower} width {width}: give --{tower}_heads")
     return heads
 
 
@@ -150,8 +148,8 @@ def check_against(model_cls, config, tensors: dict, what: str):
     unexpected = [k for k in tensors if k not in expected]
     wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
     if missing or unexpected or wrong:  # a converter bug or a layout variant it does not know
-        raise DataError(f"{what}: the converted tensors do not fit {model_cls.__name__}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}, wrong shape {[(k, tuple(tensors[k].shape), expected[k]) for k in wrong[:3]]}")  # fmt: skip
+        raise InputError(f"{what}: the converted tensors do not fit {model_cls.__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {[(k, tuple(tensors[k].shape), expected[k]) for k in wrong[:3]]}")  # fmt: skip
 
 
 def save_folder(output_dir: str, config, tensors: dict, dtype, processor, report: dict):
@@ -174,7 +172,7 @@ def load_tokenizer(name: str, what: str):
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:
         where = "local folder" if os.path.isdir(name) else "Hub id (offline, or no such repository?)"
-        raise DataError(f"{what} --tokenizer: could not load '{name}' as a {where}: {first_line(e)}") from None
+        raise InputError(f"{what} --tokenizer: could not load '{name}' as a {where}: {first_line(e)}") from None
 
 
 def image_processor(image_size: int):
@@ -192,7 +190,7 @@ def image_processor(image_size: int):
 def grid_of(num_positions: int, what: str) -> int:
     grid = math.isqrt(num_positions - 1)
     if grid * grid != num_positions - 1:
-        raise DataError(f"{what}: {num_positions} vision positions are not a class token plus a square grid")
+        raise InputError(f"{what}: {num_positions} vision positions are not a class token plus a square grid")
     return grid
 
 
@@ -222,7 +220,7 @@ def map_resblocks(src: Source, src_prefix: str, dst_prefix: str, layers: int, wi
         # nn.MultiheadAttention's packed projection: rows [q; k; v], each width rows
         weight, bias = src.take(f"{s}attn.in_proj_weight"), src.take(f"{s}attn.in_proj_bias")
         if weight.shape != (3 * width, width):
-            raise DataError(
+            raise InputError(
                 f"{src.what}: '{s}attn.in_proj_weight' is {tuple(weight.shape)}, not (3 x {width}, {width})"
             )
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -247,7 +245,7 @@ def convert_hpsv2_state(state: dict, path: str, args, tokenizer=None):
     t_layers = src.count(r"transformer\.resblocks\.(\d+)\.ln_1\.weight")
     t_mlp = src.shape("transformer.resblocks.0.mlp.c_fc.weight")[0]
     if src.shape("text_projection") != (t_width, embed):
-        raise DataError(f"{what}: 'text_projection' is {src.shape('text_projection')}, not ({t_width}, {embed})")
+        raise InputError(f"{what}: 'text_projection' is {src.shape('text_projection')}, not ({t_width}, {embed})")
     v_heads = heads_for(width, args.vision_heads, OPEN_CLIP_VISION_HEADS.get(width, width // 64), what, "vision")
     t_heads = heads_for(t_width, args.text_heads, t_width // 64, what, "text")
     act = "quick_gelu" if args.quick_gelu else "gelu"
@@ -302,8 +300,8 @@ def convert_hpsv2(args):
     tensors, config, src, summary = convert_hpsv2_state(state, args.checkpoint, args, tokenizer)
     vocab, context = config.text_config.vocab_size, config.text_config.max_position_embeddings
     if len(tokenizer) > vocab or tokenizer.eos_token_id is None:
-        raise DataError(f"hpsv2 --tokenizer: '{args.tokenizer}' has {len(tokenizer)} tokens (eos "
-                        f"{tokenizer.eos_token_id}); the checkpoint's vocabulary is {vocab}: not CLIP's tokenizer?")  # fmt: skip
+        raise InputError(f"hpsv2 --tokenizer: '{args.tokenizer}' has {len(tokenizer)} tokens (eos "
+                         f"{tokenizer.eos_token_id}); the checkpoint's vocabulary is {vocab}: not CLIP's tokenizer?")  # fmt: skip
     tokenizer.model_max_length = context  # open_clip's context length: longer prompts are cut, eos kept last
     check_against(CLIPModel, config, tensors, "hpsv2")
     processor = CLIPProcessor(image_processor=image_processor(config.vision_config.image_size), tokenizer=tokenizer)
@@ -344,13 +342,13 @@ def read_med_config(args, what: str) -> dict:
     path = args.med_config or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "med_config.json")
     if not os.path.isfile(path):
         if args.med_config:
-            raise DataError(f"{what} --med_config: no file '{path}'")
+            raise InputError(f"{what} --med_config: no file '{path}'")
         return {}
     try:
         with open(path) as f:
             med = json.load(f)
     except (OSError, ValueError) as e:
-        raise DataError(f"{what} --med_config: could not read '{path}' as JSON: {first_line(e)}") from None
+        raise InputError(f"{what} --med_config: could not read '{path}' as JSON: {first_line(e)}") from None
     return med if isinstance(med, dict) else {}
 
 
@@ -371,10 +369,10 @@ def convert_imagereward_state(state: dict, path: str, args, med: dict, tokenizer
     t_mlp = src.shape(f"{BERT}.encoder.layer.0.intermediate.dense.weight")[0]
     encoder_width = src.shape(f"{BERT}.encoder.layer.0.crossattention.self.key.weight")[1]
     if encoder_width != width:
-        raise DataError(f"{what}: the text encoder attends to width {encoder_width}, the ViT's is {width}")
+        raise InputError(f"{what}: the text encoder attends to width {encoder_width}, the ViT's is {width}")
     for field, value in (("hidden_size", hidden), ("num_hidden_layers", t_layers), ("vocab_size", vocab)):
         if field in med and med[field] != value:
-            raise DataError(f"{what}: med_config.json says {field} {med[field]}, the checkpoint's is {value}")
+            raise InputError(f"{what}: med_config.json says {field} {med[field]}, the checkpoint's is {value}")
     v_heads = heads_for(width, args.vision_heads, width // 64, what, "vision")
     t_heads = heads_for(hidden, args.text_heads, med.get("num_attention_heads", hidden // 64), what, "text")
     t_eps, t_act = float(med.get("layer_norm_eps", 1e-12)), med.get("hidden_act", "gelu")
@@ -419,9 +417,9 @@ def convert_imagereward_state(state: dict, path: str, args, med: dict, tokenizer
             head[f"layers.{i}.{p}"] = src.take(f"mlp.layers.{i}.{p}")
     for a, b in zip(layers, layers[1:]):
         if head[f"layers.{b}.weight"].shape[1] != head[f"layers.{a}.weight"].shape[0]:
-            raise DataError(f"{what}: mlp.layers.{a} and mlp.layers.{b} do not chain")
+            raise InputError(f"{what}: mlp.layers.{a} and mlp.layers.{b} do not chain")
     if head[f"layers.{layers[0]}.weight"].shape[1] != hidden or head[f"layers.{layers[-1]}.weight"].shape[0] != 1:
-        raise DataError(f"{what}: the mlp does not map the text width {hidden} to one number")
+        raise InputError(f"{what}: the mlp does not map the text width {hidden} to one number")
     head["mean"] = torch.tensor(args.mean, dtype=torch.float64)
     head["std"] = torch.tensor(args.std, dtype=torch.float64)
     # the score uses the ViT, the BERT and the mlp: what else the file holds (momentum encoders, a decoder) is
@@ -456,14 +454,14 @@ def blip_tokenizer(name: str, vocab: int):
     30523), so that len(tokenizer) is the text encoder's vocabulary."""
     tokenizer = load_tokenizer(name, "imagereward")
     if "[CLS]" not in tokenizer.get_vocab():
-        raise DataError(f"imagereward --tokenizer: '{name}' is not a BERT word-piece tokenizer (no [CLS])")
+        raise InputError(f"imagereward --tokenizer: '{name}' is not a BERT word-piece tokenizer (no [CLS])")
     if "[DEC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     if len(tokenizer) != vocab:
-        raise DataError(f"imagereward --tokenizer: '{name}' with [DEC] and [ENC] has {len(tokenizer)} tokens, the "
-                        f"checkpoint's text encoder {vocab}: not bert-base-uncased?")  # fmt: skip
+        raise InputError(f"imagereward --tokenizer: '{name}' with [DEC] and [ENC] has {len(tokenizer)} tokens, the "
+                         f"checkpoint's text encoder {vocab}: not bert-base-uncased?")  # fmt: skip
     return tokenizer
 
 

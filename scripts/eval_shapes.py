@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inversion_dpo import shapes_eval  # noqa: E402
+from shapes import sampling  # noqa: E402
 
 
 def main(argv=None):
@@ -28,8 +28,8 @@ def main(argv=None):
     ap.add_argument("--num_two_object", type=int, default=48, help="two-object prompts per group (0: all)")
     ap.add_argument("--prompts", nargs="*", default=None, help="score only these prompts (one group 'custom')")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=shapes_eval.DEFAULT_STEPS)
-    ap.add_argument("--guidance", type=float, default=shapes_eval.DEFAULT_GUIDANCE)
+    ap.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
+    ap.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
     ap.add_argument("--save_dir", default=None, help="write a grid image per group here")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--threads", type=int, default=1)
@@ -37,12 +37,12 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    pipe = shapes_eval.load_pipeline(args.model, args.lora)
+    pipe = sampling.load_pipeline(args.model, args.lora)
     if args.prompts:
         groups = {"custom": list(args.prompts)}
     else:
-        groups = shapes_eval.default_groups(args.num_two_object, args.seed)
-    results = shapes_eval.evaluate(
+        groups = sampling.default_groups(args.num_two_object, args.seed)
+    results = sampling.evaluate(
         pipe, groups, args.num_images, args.seed, args.steps, args.guidance, save_dir=args.save_dir
     )
     print(

@@ -1,6 +1,6 @@
 """Writes shapes-world preference pairs (Pick-a-Pic schema parquet) from a model's own samples.
 
-Train prompts only; ties dropped; the winner is randomly in position 0 or 1 (see inversion_dpo/shapes_pairs.py).
+Train prompts only; ties dropped; the winner is randomly in position 0 or 1 (see shapes/pairs.py).
 
     OMP_NUM_THREADS=1 python scripts/make_pairs.py --model models/shapes-sd-tiny --num_prompts 200 \
         --images_per_prompt 4 --out out/pairs/train.parquet
@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inversion_dpo import shapes_eval, shapes_pairs  # noqa: E402
+from shapes import sampling  # noqa: E402
+from shapes.pairs import make_pairs  # noqa: E402
 
 
 def main(argv=None):
@@ -31,16 +32,16 @@ def main(argv=None):
         "--min_winner_score", type=float, default=None, help="drop pairs whose winner scores lower (1.0: it passes)"
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=shapes_eval.DEFAULT_STEPS)
-    ap.add_argument("--guidance", type=float, default=shapes_eval.DEFAULT_GUIDANCE)
+    ap.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
+    ap.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
     ap.add_argument("--out", required=True, help="output parquet file")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    pipe = shapes_eval.load_pipeline(args.model, args.lora)
-    stats = shapes_pairs.make_pairs(
+    pipe = sampling.load_pipeline(args.model, args.lora)
+    stats = make_pairs(
         pipe,
         args.num_prompts,
         args.images_per_prompt,

@@ -29,8 +29,8 @@ EDITS = {
 
 
 def main(argv=None):
-    from inversion_dpo import shapes_eval
-    from inversion_dpo.ddim import eps_from_prediction
+    from pipeline_inversion import eps_from_prediction
+    from shapes import sampling
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/shapes-sd-tiny")
@@ -40,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--num_noise", type=int, default=8)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    pipe = shapes_eval.load_pipeline(args.model, lora_path=args.lora)
+    pipe = sampling.load_pipeline(args.model, lora_path=args.lora)
     size = pipe.unet.config.sample_size
     g = torch.Generator().manual_seed(0)
 

@@ -1,7 +1,7 @@
 """Trains a tiny Stable Diffusion (same architecture and folder layout; ``--architecture sdxl``: SDXL's) on the
 shapes world, on the CPU.
 
-Two phases, both on images rendered from ``shapes.train_prompts()`` only (held-out prompts are never drawn):
+Two phases, both on images rendered from ``shapes.world.train_prompts()`` only (held-out prompts are never drawn):
 
 1. an AutoencoderKL (32 x 32 x 3 <-> 16 x 16 x 4) for reconstruction plus a tiny KL; its
    ``scaling_factor`` is then set so that the scaled latents have unit standard deviation;
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from inversion_dpo import shapes  # noqa: E402
+from shapes import scorer, world  # noqa: E402
 
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -66,7 +66,7 @@ def shapes_vocabulary():
     """Every word of the shapes-world prompts."""
     words = set()
     for n in (1, 2):
-        for p in shapes.all_prompts(n):
+        for p in world.all_prompts(n):
             words.update(str(p).split())
     return sorted(words)
 
@@ -224,24 +224,24 @@ def render_dataset(n, seed, single_fraction, relation_noise=0.0, object_dropout=
     noise_rng = np.random.default_rng([seed, 1])
     drop_rng = np.random.default_rng([seed, 2])
     swap_rng = np.random.default_rng([seed, 3])
-    singles, pairs = shapes.train_prompts(1), shapes.train_prompts(2)
+    singles, pairs = world.train_prompts(1), world.train_prompts(2)
     images, captions = np.empty((n, 3, 32, 32), np.float32), []
     for i in range(n):
         pool = singles if rng.random() < single_fraction else pairs
         p = pool[rng.integers(len(pool))]
-        assert not shapes.is_heldout(p)
-        layout = shapes.sample_layout(p, rng)
+        assert not world.is_heldout(p)
+        layout = world.sample_layout(p, rng)
         if object_dropout > 0 and p.relation is not None and drop_rng.random() < object_dropout:
             layout = [layout[int(drop_rng.integers(2))]]
-        img = np.asarray(shapes.draw(layout), dtype=np.float32)
+        img = np.asarray(world.draw(layout), dtype=np.float32)
         images[i] = img.transpose(2, 0, 1) / 127.5 - 1.0
         if relation_noise > 0 and p.relation is not None and noise_rng.random() < relation_noise:
-            p = shapes.Prompt(p.objects, shapes.OPPOSITE[p.relation])
+            p = world.Prompt(p.objects, world.OPPOSITE[p.relation])
         if color_swap > 0 and p.relation is not None and p.objects[0].color != p.objects[1].color:
             if swap_rng.random() < color_swap:
                 a, b = p.objects
-                swapped = (shapes.SceneObject(b.color, a.shape), shapes.SceneObject(a.color, b.shape))
-                p = shapes.Prompt(swapped, p.relation)
+                swapped = (world.SceneObject(b.color, a.shape), world.SceneObject(a.color, b.shape))
+                p = world.Prompt(swapped, p.relation)
         captions.append(str(p))
     return torch.from_numpy(images), captions
 
@@ -286,7 +286,7 @@ def vae_pass_rate(vae, scale, n, seed):
     z = vae.encode(imgs).latent_dist.mean
     rec = vae.decode(z).sample
     rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return shapes.pass_rate(shapes.score_many(list(rec), caps))
+    return scorer.pass_rate(scorer.score_many(list(rec), caps))
 
 
 def ema_update(ema, model, decay):
@@ -339,18 +339,20 @@ def tune_encoder_cycle(pipe, images, render_latents, args, log):
     accuracy 53.1% -> 31.8%, 51.0% after this phase (README, "The shapes world")."""
     from PIL import Image
 
-    from inversion_dpo import data, shapes_eval, shapes_pairs
+    import train_inversion_dpo as trainer
+    from shapes import sampling
+    from shapes.pairs import jpeg_bytes
 
     vae = pipe.vae
     g = torch.Generator().manual_seed(args.seed + 3)
-    prompts = [str(p) for p in shapes.train_prompts()]
+    prompts = [str(p) for p in world.train_prompts()]
     picks = torch.randint(len(prompts), (args.encoder_cycle_samples,), generator=g).tolist()
     with torch.no_grad():
         sampled = [
             pipe(
                 prompt=[prompts[i] for i in picks[k : k + 128]],
-                num_inference_steps=shapes_eval.DEFAULT_STEPS,
-                guidance_scale=shapes_eval.DEFAULT_GUIDANCE,
+                num_inference_steps=sampling.DEFAULT_STEPS,
+                guidance_scale=sampling.DEFAULT_GUIDANCE,
                 generator=[torch.Generator().manual_seed(args.seed + k + j) for j in range(len(picks[k : k + 128]))],
                 output_type="latent",
             ).images
@@ -361,7 +363,7 @@ def tune_encoder_cycle(pipe, images, render_latents, args, log):
         # what the trainer will read: the JPEG the pair generator writes, decoded as the trainer decodes it
         inputs = torch.stack(
             [
-                data.to_tensor(data.decode_image(shapes_pairs.jpeg_bytes(Image.fromarray(d.permute(1, 2, 0).numpy()))))
+                trainer.to_tensor(trainer.decode_image(jpeg_bytes(Image.fromarray(d.permute(1, 2, 0).numpy()))))
                 for d in decoded
             ]
         )

@@ -24,7 +24,7 @@ def random_lora(model_dir, folder, scale=0.5):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
 
-    from inversion_dpo.training import LORA_TARGET_MODULES, lora_state_dict_of
+    from train_inversion_dpo import LORA_TARGET_MODULES, lora_state_dict_of
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
@@ -40,7 +40,7 @@ def random_lora(model_dir, folder, scale=0.5):
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny randomly initialised Stable Diffusion saved as a diffusers folder (loads like a Hub model)."""
-    from inversion_dpo.tiny import save_tiny_sd
+    from tests.tiny import save_tiny_sd
 
     return save_tiny_sd(str(tmp_path_factory.mktemp("models") / "tiny-sd"))
 
@@ -48,7 +48,7 @@ def tiny_sd_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pairs_parquet(tmp_path_factory):
     """Eight Pick-a-Pic-schema rows, two of them ties."""
-    from inversion_dpo.tiny import save_tiny_pairs
+    from tests.tiny import save_tiny_pairs
 
     return save_tiny_pairs(str(tmp_path_factory.mktemp("data") / "train.parquet"), num_rows=8, tie_every=4)
 
@@ -56,7 +56,7 @@ def tiny_pairs_parquet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A tiny randomly initialised Stable Diffusion XL saved as a diffusers folder (loads like a Hub model)."""
-    from inversion_dpo.tiny import save_tiny_sdxl
+    from tests.tiny import save_tiny_sdxl
 
     return save_tiny_sdxl(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
 
@@ -64,9 +64,10 @@ def tiny_sdxl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_pairs(tmp_path_factory):
     """A few pairs sampled from the committed shapes base (4 prompts x 3 samples, 4 DDIM steps), for the benchmarks."""
-    from inversion_dpo import shapes_eval, shapes_pairs as make
+    from shapes import sampling
+    from shapes.pairs import make_pairs
 
-    pipe = shapes_eval.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
+    pipe = sampling.load_pipeline(os.path.join(REPO, "models", "shapes-sd-tiny"))
     path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"
-    assert make.make_pairs(pipe, 4, 3, str(path), seed=0, steps=4)["pairs"] > 0
+    assert make_pairs(pipe, 4, 3, str(path), seed=0, steps=4)["pairs"] > 0
     return path

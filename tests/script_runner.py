@@ -9,7 +9,7 @@ import time
 
 from safetensors.torch import load_file
 
-from inversion_dpo.training import cpu_launch_command
+from demo import cpu_launch_command
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,9 @@ QUICK = [
 
 
 def env():
-    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    """The scripts import nothing of this repository, so it is not put on their path."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    e.pop("PYTHONPATH", None)
     return e
 
 

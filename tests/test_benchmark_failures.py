@@ -9,6 +9,9 @@ import pytest
 from conftest import REPO, random_lora
 
 
+pytestmark = pytest.mark.slow  # benchmark runs
+
+
 def test_failure_kinds_counts_every_sample_of_base_and_adapter(tmp_path):
     model = os.path.join(REPO, "models", "shapes-sd-tiny")
     adapter = random_lora(model, tmp_path / "noisy", scale=0.05)
@@ -25,7 +28,7 @@ def test_failure_kinds_counts_every_sample_of_base_and_adapter(tmp_path):
     header, body = rows[0], rows[1:]
     assert header[1:] == ["held-out (2 a prompt): base", "held-out (2 a prompt): noisy",
                           "train, every 4 (1 a prompt): base", "train, every 4 (1 a prompt): noisy |"]  # fmt: skip
-    from inversion_dpo.shapes_eval import FAILURE_KINDS
+    from shapes.sampling import FAILURE_KINDS
 
     assert [r[0].strip("| ") for r in body] == list(FAILURE_KINDS)
     totals = [sum(int(r[c].split()[0]) for r in body) for c in range(1, 5)]

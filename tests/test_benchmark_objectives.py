@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+
+pytestmark = pytest.mark.slow  # benchmark runs
 
 
 def run(out, pairs, *runs):

@@ -10,6 +10,9 @@ import pytest
 from conftest import REPO
 
 
+pytestmark = pytest.mark.slow  # benchmark runs
+
+
 @pytest.fixture
 def pairs(shapes_pairs):
     return shapes_pairs
@@ -120,7 +123,10 @@ def test_no_preference_needs_the_recipes_sft_term():
     [
         (["dpo"], "unknown variant 'dpo'; expected one of"),
         (["diffusion_dpo --beta_dpo 500 --bogus_flag 1"], "'--bogus_flag' is not a flag of train_inversion_dpo.py"),
-        (["inpo --learning_rate 1e-3", "inpo --learning_rate=1e-3"], "would share the folder 'inpo-learning_rate-1e-3'"),
+        (
+            ["inpo --learning_rate 1e-3", "inpo --learning_rate=1e-3"],
+            "would share the folder 'inpo-learning_rate-1e-3'",
+        ),
     ],
 )
 def test_a_bad_variant_stops_the_benchmark_before_it_samples(tmp_path, pairs, variants, message):

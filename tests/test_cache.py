@@ -40,6 +40,7 @@ def update_difference(dir_a, dir_b):
     return (diff / sum(a[k].pow(2).sum() for k in up).sqrt()).item()
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_equals_recomputing(runs):
     out, *_ = runs
     recomputed = losses(out["recomputed"])
@@ -55,6 +56,7 @@ def test_training_from_the_cache_equals_recomputing(runs):
     assert update_difference(out["recomputed"], out["float16"]) < 5e-2
 
 
+@pytest.mark.slow
 def test_the_sft_anchor_trains_the_same_from_the_cache(runs, tmp_path):
     # --sft_weight needs each winner's clean latent, which the cache stores, and the null caption for its dropout,
     # which a cached run builds without the text encoder; the same draws follow either way
@@ -77,6 +79,7 @@ def test_the_sft_anchor_trains_the_same_from_the_cache(runs, tmp_path):
     assert losses(tmp_path / "recomputed") != pytest.approx(losses(out["recomputed"]), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_each_key_has_its_folder_and_a_rerun_reuses_it(runs):
     out, args, cache, caches, stderr = runs
     folders = sorted(os.listdir(caches))
@@ -109,6 +112,7 @@ def test_each_key_has_its_folder_and_a_rerun_reuses_it(runs):
     assert rebuilt.keys() == before.keys() and all(torch.equal(rebuilt[k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_a_cache_of_other_settings_is_one_clear_line(runs, tmp_path):
     out, args, cache, caches, _ = runs
     one_cache = os.path.join(caches, sorted(os.listdir(caches))[0])
@@ -123,17 +127,17 @@ def test_a_cache_of_other_settings_is_one_clear_line(runs, tmp_path):
 
 
 def test_cache_flags_that_cannot_work_are_refused():
-    from train_inversion_dpo import parse_args
+    from train_inversion_dpo import InputError, parse_args
 
     base = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--inversion_cache", "c"]
     for extra, message in [
         (["--random_crop"], "--random_crop cannot be cached"),
         (["--objective", "diffusion_dpo"], "--objective is diffusion_dpo"),
     ]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(InputError, match=message):
             parse_args(base + extra)
     for extra in (["--inversion_cache_only"], ["--cache_steps", "4"]):
-        with pytest.raises(SystemExit, match="need --inversion_cache"):
+        with pytest.raises(InputError, match="need --inversion_cache"):
             parse_args(base[:4] + extra)
 
 
@@ -144,7 +148,7 @@ def test_shard_layout_round_trips_to_the_trainers_rows(tmp_path):
 
     from safetensors.torch import save_file
 
-    from inversion_dpo.cache import (
+    from train_inversion_dpo import (
         CachedPairs,
         InversionCache,
         _pair_major,

@@ -19,9 +19,8 @@ from conftest import REPO
 from PIL import Image
 from torch import nn
 
-from inversion_dpo.data import DataError
-from inversion_dpo.scorers import ClipScorer, ImageRewardScorer
-from inversion_dpo.tiny import char_tokenizer
+from evaluation.scorers import ClipScorer, ImageRewardScorer, InputError
+from tests.tiny import char_tokenizer
 
 
 SCRIPT = os.path.join(REPO, "scripts", "convert_scorer_weights.py")
@@ -172,6 +171,7 @@ def save_published_hpsv2(model, path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quick_gelu"])
 def test_hpsv2_converted_matches_an_open_clip_reference(quick_gelu, clip_tokenizer_dir, tmp_path):
     ref = randomize(RefOpenClip(QuickGELU if quick_gelu else nn.GELU), seed=1).eval()
@@ -206,6 +206,7 @@ def test_hpsv2_converted_matches_an_open_clip_reference(quick_gelu, clip_tokeniz
     ]
 
 
+@pytest.mark.slow
 def test_hpsv2_heads_matter(clip_tokenizer_dir, tmp_path):
     """The heads are the one size the shapes do not give: other heads give other embeddings (so the reference test
     above is sensitive to them), and the default for ViT-H/14's 1280-wide vision tower is open_clip's 16."""
@@ -445,6 +446,7 @@ def imagereward_published(tmp_path_factory):
     return {"checkpoint": root / "ImageReward.pt", "tokenizer": tokenizer_dir, "ref": ref, "root": root}
 
 
+@pytest.mark.slow
 def test_imagereward_converted_matches_a_blip_reference(imagereward_published, tmp_path):
     pub, out = imagereward_published, tmp_path / "imagereward"
     # the text heads come from med_config.json
@@ -559,13 +561,14 @@ def test_imagereward_at_published_shapes_fits_transformers_blip():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_one_line_naming_the_file_and_the_missing_key(
     imagereward_published, clip_tokenizer_dir, tmp_path
 ):
     conv = converter_module()
 
     def error(*argv):
-        with pytest.raises(DataError) as e:
+        with pytest.raises(InputError) as e:
             conv.main(conv.parse_args([str(a) for a in argv]))
         assert "\n" not in str(e.value)
         return str(e.value)
@@ -632,16 +635,16 @@ def test_evaluate_points_a_published_checkpoint_to_the_converter(tmp_path):
     """A .pt given to --hpsv2 or --imagereward is one line with the exact command that converts it."""
     (tmp_path / "HPS_v2.1_compressed.pt").write_bytes(b"")
     (tmp_path / "ImageReward.pt").write_bytes(b"")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(InputError) as e:
         ClipScorer("hpsv2", str(tmp_path / "HPS_v2.1_compressed.pt"))
     assert str(e.value) == (
         f"--hpsv2: '{tmp_path}/HPS_v2.1_compressed.pt' is a checkpoint file, not a transformers CLIPModel folder: "
         f"convert it with `python scripts/convert_scorer_weights.py hpsv2 {tmp_path}/HPS_v2.1_compressed.pt "
         f"--output_dir {tmp_path}/HPS_v2.1_compressed` and pass --hpsv2 {tmp_path}/HPS_v2.1_compressed"
     )
-    with pytest.raises(DataError, match=r"--imagereward: .*ImageReward.pt' is a checkpoint file, not a transformers "
-                       r"BlipForImageTextRetrieval folder: convert it with `python scripts/convert_scorer_weights.py "
-                       r"imagereward .*ImageReward.pt --output_dir .*/ImageReward`"):  # fmt: skip
+    with pytest.raises(InputError, match=r"--imagereward: .*ImageReward.pt' is a checkpoint file, not a transformers "
+                        r"BlipForImageTextRetrieval folder: convert it with `python scripts/convert_scorer_weights.py "
+                        r"imagereward .*ImageReward.pt --output_dir .*/ImageReward`"):  # fmt: skip
         ImageRewardScorer(str(tmp_path / "ImageReward.pt"))
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from inversion_dpo.data import (
+from tests.tiny import jpeg_bytes, tiny_pairs
+from train_inversion_dpo import (
     DataError,
     PairColumns,
     PreferencePairs,
@@ -25,7 +26,6 @@ from inversion_dpo.data import (
     select_pairs,
     to_pil,
 )
-from inversion_dpo.tiny import jpeg_bytes, tiny_pairs
 
 
 def solid(color, size=(40, 32)):
@@ -195,7 +195,7 @@ def test_imagefolder_with_pair_metadata(tmp_path):
 
 
 def test_crop_corner_is_mirrored_with_the_flip():
-    from inversion_dpo.data import resize_and_crop
+    from train_inversion_dpo import resize_and_crop
 
     image = Image.new("RGB", (64, 32))  # resized to 64 x 32 at resolution 32: crops can start at x = 0 .. 32
     rng = random.Random(0)

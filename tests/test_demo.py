@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+
+pytestmark = pytest.mark.slow  # the whole demo
 
 
 def run_demo(tmp_path, *extra):

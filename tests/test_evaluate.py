@@ -11,10 +11,9 @@ import torch
 from conftest import REPO, random_lora
 from PIL import Image
 
-from inversion_dpo.data import DataError
-from inversion_dpo.report import mean_interval, win_rate
-from inversion_dpo.scorers import AestheticScorer, ClipScorer, ImageRewardScorer
-from inversion_dpo.tiny import save_linear_head, save_tiny_clip, save_tiny_imagereward
+from evaluation.scorers import AestheticScorer, ClipScorer, ImageRewardScorer, InputError
+from evaluation.stats import mean_interval, win_rate
+from tests.tiny import save_linear_head, save_tiny_clip, save_tiny_imagereward
 
 
 PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
@@ -94,17 +93,17 @@ def test_imagereward_is_normalised_and_reads_the_prompt(scorer_models, tmp_path)
 
 
 def test_missing_models_and_files_are_one_line_naming_them(scorer_models, tmp_path):
-    with pytest.raises(DataError, match=r"--pickscore: no folder '/nonexistent/pick'"):
+    with pytest.raises(InputError, match=r"--pickscore: no folder '/nonexistent/pick'"):
         ClipScorer("pickscore", "/nonexistent/pick")
-    with pytest.raises(DataError, match=r"--hpsv2: could not load 'someone/hps' as a Hub id"):
+    with pytest.raises(InputError, match=r"--hpsv2: could not load 'someone/hps' as a Hub id"):
         ClipScorer("hpsv2", "someone/hps")
-    with pytest.raises(DataError, match=r"--aesthetic_head: no file '/nonexistent/head.pth'"):
+    with pytest.raises(InputError, match=r"--aesthetic_head: no file '/nonexistent/head.pth'"):
         AestheticScorer(scorer_models["clip"], "/nonexistent/head.pth")
-    with pytest.raises(DataError, match=r"--imagereward: could not load '.*not-blip' as a local folder"):
+    with pytest.raises(InputError, match=r"--imagereward: could not load '.*not-blip' as a local folder"):
         ImageRewardScorer(save_tiny_clip(str(tmp_path / "not-blip")))  # a CLIP, not a BLIP
     headless = save_tiny_imagereward(str(tmp_path / "headless"))
     os.remove(os.path.join(headless, "imagereward_head.safetensors"))
-    with pytest.raises(DataError, match=r"--imagereward: no file .*headless/imagereward_head.safetensors"):
+    with pytest.raises(InputError, match=r"--imagereward: no file .*headless/imagereward_head.safetensors"):
         ImageRewardScorer(headless)
 
 
@@ -116,6 +115,7 @@ def run_evaluate(args):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_evaluate_compares_base_and_adapters_under_every_scorer(tiny_sd_dir, adapter, scorer_models, tmp_path):
     (tmp_path / "prompts.txt").write_text("# shapes prompts\n" + "\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "eval"
@@ -157,6 +157,7 @@ def test_evaluate_compares_base_and_adapters_under_every_scorer(tiny_sd_dir, ada
     assert "win rate vs base" in proc.stdout and "a2" in proc.stdout and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_errors_are_one_line(tiny_sd_dir, adapter, scorer_models, tmp_path):
     import evaluate
 
@@ -171,7 +172,7 @@ def test_evaluate_errors_are_one_line(tiny_sd_dir, adapter, scorer_models, tmp_p
         r"could not load model '/nonexistent/sd'": ["--pretrained_model_name_or_path", "/nonexistent/sd", "--prompts", str(tmp_path / "prompts.txt")] + clip,
     }  # fmt: skip
     for message, args in cases.items():
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(InputError, match=message):
             evaluate.main(evaluate.parse_args(args))
     # from the command line: one line, exit 2, no traceback
     proc = run_evaluate(base + ["--pickscore", "/nonexistent/PickScore_v1"])

@@ -8,11 +8,11 @@ import os
 import pytest
 from huggingface_hub import ModelCard
 
-from inversion_dpo.training import build_parser, push_folder_to_hub, write_model_card
+from train_inversion_dpo import parse_args, push_folder_to_hub, write_model_card
 
 
 def card_args(*extra):
-    return build_parser("x", 512).parse_args(
+    return parse_args(
         ["--pretrained_model_name_or_path", "stable-diffusion-v1-5/stable-diffusion-v1-5",
          "--dataset_name", "someone/pick-a-pic-v2", "--hub_model_id", "me/adapter", "--hub_token", "t0k", *extra]
     )  # fmt: skip

@@ -2,7 +2,7 @@
 
 import torch
 
-from inversion_dpo.memory import PeakTensorMemory
+from benchmarks.memory import PeakTensorMemory
 
 
 MB = 2**20

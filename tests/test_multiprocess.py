@@ -9,6 +9,9 @@ from safetensors.torch import load_file
 from script_runner import QUICK, lora, metrics, run
 
 
+pytestmark = pytest.mark.slow  # two processes through accelerate launch
+
+
 SCRIPT = "train_inversion_dpo.py"
 
 

@@ -69,8 +69,7 @@ def test_model_weights_load_from_safetensors_only(tiny_sd_dir, tmp_path):
     """A component whose weights exist only as a pickled .bin is refused with one line naming the model."""
     from diffusers import UNet2DConditionModel
 
-    from inversion_dpo.data import DataError
-    from inversion_dpo.training import load_component
+    from train_inversion_dpo import DataError, load_component
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
     unet.save_pretrained(str(tmp_path / "unet"), safe_serialization=False)

@@ -6,11 +6,13 @@ from unittest import mock
 import pytest
 import torch
 
-from inversion_dpo.ddim import ddim_grid, ddim_move, ddim_step, ddpm_posterior_std
-from inversion_dpo.objectives import (
+from train_inversion_dpo import (
     LOSS_SPACES,
     OBJECTIVES,
     ObjectiveConfig,
+    ddim_grid,
+    ddim_move,
+    ddpm_posterior_std,
     dpo_margin,
     inversion_step_weights,
     invert_pairs,
@@ -179,7 +181,7 @@ def test_gradient_steps_lower_the_loss_and_prefer_the_winner(name, kw):
 
 
 def test_step_target_is_the_noise_that_denoises_onto_the_previous_latent():
-    from inversion_dpo.ddim import ddim_invert
+    from train_inversion_dpo import ddim_invert
 
     model = LinearDenoiser()
     z0, cond, _ = pair_batch()
@@ -188,7 +190,7 @@ def test_step_target_is_the_noise_that_denoises_onto_the_previous_latent():
     traj = ddim_invert(lambda x, t: model.reference(x, t.expand(len(x)), cond), z0, grid)
     previous = [z0] + traj.latents[:-1]
     for i in range(len(grid.timesteps)):
-        landed = ddim_step(traj.latents[i], traj.noises[i], grid.alphas[i + 1], grid.alphas[i])
+        landed = ddim_move(traj.latents[i], traj.noises[i], grid.alphas[i + 1], grid.alphas[i])
         assert torch.allclose(landed, previous[i], atol=1e-4)
 
 
@@ -255,7 +257,7 @@ def test_a_move_between_equal_levels_is_the_identity():
 
 @pytest.mark.parametrize("target", ["step", "x0"])
 def test_k_of_n_gradient_is_unbiased_and_the_loss_exact(target):
-    from inversion_dpo.objectives import inversion_dpo
+    from train_inversion_dpo import inversion_dpo
 
     z0, cond, null = pair_batch()
     model = LinearDenoiser()
@@ -294,7 +296,7 @@ def moved_model(seed=5):
 def test_two_pass_gradient_equals_the_one_graph_gradient(target, loss_type):
     # method.md's flat-memory scheme: pass 1 without grad, then chunk after chunk with its own backward; the
     # gradients accumulate in .grad to exactly the one-graph gradient of the whole trajectory inside one link
-    from inversion_dpo.objectives import inversion_dpo
+    from train_inversion_dpo import inversion_dpo
 
     z0, cond, null = pair_batch()
     model = moved_model()
@@ -317,7 +319,7 @@ def test_two_pass_gradient_equals_the_one_graph_gradient(target, loss_type):
 
 def test_per_step_margin_averages_to_the_trajectory_margin():
     # inversion_margin "step": E_i[w_i m_i] over the N steps is the trajectory margin (1/N) sum_i w_i m_i
-    from inversion_dpo.objectives import inversion_policy, invert_pairs
+    from train_inversion_dpo import inversion_policy, invert_pairs
 
     z0, cond, null = pair_batch()
     model = moved_model()
@@ -345,7 +347,7 @@ def test_the_trainers_denoisers_return_the_unets_output_and_the_config_reads_it(
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from inversion_dpo.training import make_denoisers
+    from train_inversion_dpo import InputError, make_denoisers
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
     scheduler = DDIMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler", prediction_type=prediction_type)
@@ -371,7 +373,7 @@ def test_the_trainers_denoisers_return_the_unets_output_and_the_config_reads_it(
         assert (with_adapter - plain).abs().max() > 1e-4
     if prediction_type == "v_prediction":
         sample = DDIMScheduler.from_config(scheduler.config, prediction_type="sample")
-        with pytest.raises(SystemExit, match="predicts 'sample'; only"):
+        with pytest.raises(InputError, match="predicts 'sample'; only"):
             make_denoisers(Accelerator(cpu=True), unet, torch.float32, sample)
 
 
@@ -463,7 +465,7 @@ def test_an_unknown_loss_space_is_refused_when_the_config_is_made():
 
 
 def sft_call(model, z0, cond, null, cfg, seed=0):
-    from inversion_dpo.objectives import inversion_dpo, with_winner_sft
+    from train_inversion_dpo import inversion_dpo, with_winner_sft
 
     torch.manual_seed(seed)
     out = inversion_dpo(model.policy, model.reference, z0, cond, null, cfg)
@@ -472,7 +474,7 @@ def sft_call(model, z0, cond, null, cfg, seed=0):
 
 
 def test_winner_sft_adds_the_weighted_sft_loss_and_its_gradient():
-    from inversion_dpo.objectives import winner_sft_loss
+    from train_inversion_dpo import winner_sft_loss
 
     z0, cond, null = pair_batch()
     model = moved_model()
@@ -521,7 +523,7 @@ def test_winner_sft_two_pass_gradient_equals_the_one_graph_gradient():
 
 
 def test_winner_sft_draws_high_timesteps_and_drops_captions():
-    from inversion_dpo.objectives import winner_sft_loss
+    from train_inversion_dpo import winner_sft_loss
 
     B = 400
     g = torch.Generator().manual_seed(3)
@@ -550,7 +552,7 @@ def test_winner_sft_draws_high_timesteps_and_drops_captions():
 
 
 def test_the_reference_anchor_pulls_the_policy_back_at_its_levels_only():
-    from inversion_dpo.objectives import inversion_dpo, reference_anchor_loss, with_winner_sft
+    from train_inversion_dpo import inversion_dpo, reference_anchor_loss, with_winner_sft
 
     z0, cond, null = pair_batch()
     cfg = make_cfg(inversion_target="x0", beta=50.0, anchor_weight=5.0, anchor_max_timestep=400)
@@ -589,7 +591,7 @@ def test_the_reference_anchor_pulls_the_policy_back_at_its_levels_only():
 
 def test_the_sft_and_anchor_rows_share_one_policy_call_and_keep_their_values():
     # batched for speed, each term must still be what it is alone, with the same draws (sft first, then the anchor)
-    from inversion_dpo.objectives import ObjectiveOutput, reference_anchor_loss, winner_sft_loss, with_winner_sft
+    from train_inversion_dpo import ObjectiveOutput, reference_anchor_loss, winner_sft_loss, with_winner_sft
 
     z0, cond, null = pair_batch()
     cfg = make_cfg(sft_weight=3.0, sft_min_timestep=600, sft_caption_dropout=0.5, anchor_weight=7.0,
@@ -617,7 +619,7 @@ def test_the_sft_and_anchor_rows_share_one_policy_call_and_keep_their_values():
 def test_the_sft_objective_with_the_anchor_is_the_pair_recipes_terms_without_the_preference():
     # benchmarks/shapes_seeds.py's no_preference variant: the sft objective with --anchor_weight a / w must train what
     # a pair objective's --sft_weight w --anchor_weight a terms train, scaled by 1 / w, with the same draws
-    from inversion_dpo.objectives import OBJECTIVES, ObjectiveOutput, with_winner_sft
+    from train_inversion_dpo import OBJECTIVES, ObjectiveOutput, with_winner_sft
 
     z0, cond, null = pair_batch()
     model = moved_model()
@@ -649,7 +651,7 @@ def test_the_sft_objective_with_the_anchor_is_the_pair_recipes_terms_without_the
 def test_sft_flags_that_cannot_work_are_refused():
     # the sft loss's flags act on the sft objective, or on a pair objective's --sft_weight term; set without either,
     # a run would train something else than asked without a word
-    from train_inversion_dpo import parse_args
+    from train_inversion_dpo import InputError, parse_args
 
     base = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]
     for extra, message in [
@@ -661,7 +663,7 @@ def test_sft_flags_that_cannot_work_are_refused():
         (["--anchor_weight", "10"], "--anchor_weight needs --anchor_max_timestep"),
         (["--anchor_weight", "-1"], "--anchor_weight must be at least 0"),
     ]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(InputError, match=message):
             parse_args(base + extra)
     for extra in (
         ["--objective", "sft", "--sft_min_timestep", "600"],
@@ -672,3 +674,25 @@ def test_sft_flags_that_cannot_work_are_refused():
     anchored = parse_args(base + ["--sft_weight", "3", "--sft_min_timestep", "600", "--anchor_weight", "9"])
     assert anchored.anchor_max_timestep == 600
     assert parse_args(base + ["--anchor_weight", "9", "--anchor_max_timestep", "300"]).anchor_max_timestep == 300
+
+
+def test_implied_noise_lands_on_z0_in_one_step_and_broadcasts_per_sample():
+    from diffusers import DDIMScheduler
+
+    from train_inversion_dpo import implied_noise
+
+    gen = torch.Generator().manual_seed(8)
+    x_t, z0, n = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    alphas_cumprod = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    a_t = alphas_cumprod[torch.tensor([999, 250])]  # one noisy level per sample
+
+    # any x_t: the implied noise is the one a single denoising step to the clean level (a = 1) needs to hit z0
+    tau = implied_noise(x_t, z0, a_t)
+    torch.testing.assert_close(ddim_move(x_t, tau, a_t, 1.0), z0, rtol=1e-5, atol=1e-5)
+    one_by_one = torch.stack([implied_noise(x_t[b], z0[b], float(a_t[b])) for b in range(2)])
+    torch.testing.assert_close(tau, one_by_one)
+
+    # a forward-noised x_t: the implied noise is the noise that was added
+    a = a_t.reshape(-1, 1, 1, 1)
+    noised = a.sqrt() * z0 + (1 - a).sqrt() * n
+    torch.testing.assert_close(implied_noise(noised, z0, a_t), n, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,8 @@ import math
 import pytest
 from PIL import Image
 
-from inversion_dpo.report import labelled_grid, line_plot, mean_interval, wilson_interval, win_rate
+from evaluation.plots import labelled_grid, line_plot
+from evaluation.stats import mean_interval, wilson_interval, win_rate
 
 
 def test_wilson_interval_by_hand_and_at_the_edges():

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 
+pytestmark = pytest.mark.slow  # training runs of the base model
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "train_shapes_base.py")
 SDXL_MODEL = os.path.join(REPO, "models", "shapes-sdxl-tiny")
@@ -168,17 +171,17 @@ def load_script():
 
 def parsed_caption_pairs(**noise):
     """(clean, noisy) parsed captions of the same 400 renders, which the caption noise must leave alone."""
-    from inversion_dpo import shapes
+    from shapes import world
 
     script = load_script()
     clean_images, clean = script.render_dataset(400, 3, 0.2)
     noisy_images, noisy = script.render_dataset(400, 3, 0.2, **noise)
     assert torch.equal(clean_images, noisy_images)
-    return [(shapes.parse_prompt(c), shapes.parse_prompt(n)) for c, n in zip(clean, noisy)]
+    return [(world.parse_prompt(c), world.parse_prompt(n)) for c, n in zip(clean, noisy)]
 
 
 def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_renders_alone():
-    from inversion_dpo import shapes
+    from shapes import world
 
     flipped = two = 0
     for pc, pn in parsed_caption_pairs(relation_noise=0.4):
@@ -188,7 +191,7 @@ def test_relation_noise_flips_that_share_of_two_object_captions_and_leaves_the_r
             continue
         two += 1
         if pc.relation != pn.relation:
-            assert pn.relation == shapes.OPPOSITE[pc.relation]
+            assert pn.relation == world.OPPOSITE[pc.relation]
             flipped += 1
     assert 0.3 < flipped / two < 0.5, (flipped, two)
 
@@ -198,7 +201,7 @@ def test_object_dropout_leaves_one_of_two_named_objects_out_of_that_share_of_ren
     says the other is missing and the one drawn is right), and every other render and caption is unchanged."""
     from PIL import Image
 
-    from inversion_dpo import shapes
+    from shapes import scorer, world
 
     script = load_script()
     clean_images, clean = script.render_dataset(400, 3, 0.2)
@@ -206,7 +209,7 @@ def test_object_dropout_leaves_one_of_two_named_objects_out_of_that_share_of_ren
     assert captions == clean
     dropped = two = 0
     for c, x, y in zip(clean, clean_images, dropped_images):
-        if shapes.parse_prompt(c).relation is None:
+        if world.parse_prompt(c).relation is None:
             assert torch.equal(x, y)
             continue
         two += 1
@@ -214,17 +217,17 @@ def test_object_dropout_leaves_one_of_two_named_objects_out_of_that_share_of_ren
             continue
         dropped += 1
         img = Image.fromarray(((y.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
-        result = shapes.score(img, c)
+        result = scorer.score(img, c)
         assert sorted(result.object_present) == [False, True], (c, result)
     assert 0.3 < dropped / two < 0.5, (dropped, two)
 
 
 def test_color_swap_trades_the_colours_of_that_share_of_two_object_captions_and_never_names_a_heldout_prompt():
-    from inversion_dpo import shapes
+    from shapes import world
 
     swapped = candidates = 0
     for pc, ps in parsed_caption_pairs(color_swap=0.4):
-        assert not shapes.is_heldout(ps), ps
+        assert not world.is_heldout(ps), ps
         if pc.relation is None or pc.objects[0].color == pc.objects[1].color:
             assert pc == ps
             continue

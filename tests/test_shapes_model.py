@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from inversion_dpo import shapes
+from shapes import world
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_tokenizer_one_token_per_word(pipe):
         ids = tok(text).input_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         assert tok.convert_ids_to_tokens(ids[1:-1]) == [w + "</w>" for w in text.split()]
-    words = {w for n in (1, 2) for p in shapes.all_prompts(n) for w in str(p).split()}
+    words = {w for n in (1, 2) for p in world.all_prompts(n) for w in str(p).split()}
     for w in words:
         assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
 
@@ -62,16 +62,16 @@ def test_make_pairs_writes_valid_schema(pipe, tmp_path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from inversion_dpo import shapes_pairs
+    from shapes import pairs
 
     out = str(tmp_path / "pairs.parquet")
-    stats = shapes_pairs.make_pairs(pipe, num_prompts=2, images_per_prompt=3, out_path=out, seed=1, steps=4)
+    stats = pairs.make_pairs(pipe, num_prompts=2, images_per_prompt=3, out_path=out, seed=1, steps=4)
     table = pq.read_table(out)
     assert {"jpg_0", "jpg_1", "label_0", "caption"} <= set(table.column_names)
     rows = table.to_pylist()
     assert len(rows) == stats["pairs"] <= 2 * 3
     for r in rows:
-        assert not shapes.is_heldout(r["caption"])
+        assert not world.is_heldout(r["caption"])
         assert r["label_0"] in (0.0, 1.0)
         assert r["score_0"] != r["score_1"]
         assert (r["label_0"] == 1.0) == (r["score_0"] > r["score_1"])
@@ -83,32 +83,32 @@ def test_make_pairs_writes_valid_schema(pipe, tmp_path):
 def test_pairs_refuse_heldout_and_drop_ties():
     from PIL import Image
 
-    from inversion_dpo import shapes_pairs
+    from shapes import pairs
 
-    good = shapes.render("a red circle left of a green square", 0)
+    good = world.render("a red circle left of a green square", 0)
     blank = Image.new("RGB", (32, 32), "white")
-    rows = shapes_pairs.pairs_from_samples(["a red circle left of a green square"], [[good, blank, blank]], seed=0)
+    rows = pairs.pairs_from_samples(["a red circle left of a green square"], [[good, blank, blank]], seed=0)
     assert len(rows["caption"]) == 2  # (good, blank) twice; (blank, blank) is a tie
     assert all(max(a, b) == 1.0 for a, b in zip(rows["score_0"], rows["score_1"]))
     with pytest.raises(ValueError):
-        shapes_pairs.pairs_from_samples([str(shapes.heldout_prompts()[0])], [[good, blank]])
+        pairs.pairs_from_samples([str(world.heldout_prompts()[0])], [[good, blank]])
     # min_winner_score 1.0 keeps only pairs whose winner passes: a mirrored render (order wrong, 0.75) beats a blank
     # image but is not kept as a winner
-    mirrored = shapes.render("a red circle right of a green square", 0)
+    mirrored = world.render("a red circle right of a green square", 0)
     prompt = "a red circle left of a green square"
-    every = shapes_pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0)
-    passing = shapes_pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0, min_winner_score=1.0)
+    every = pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0)
+    passing = pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0, min_winner_score=1.0)
     assert sorted(max(a, b) for a, b in zip(every["score_0"], every["score_1"])) == [0.75, 1.0, 1.0]
     assert [max(a, b) for a, b in zip(passing["score_0"], passing["score_1"])] == [1.0, 1.0]
-    for p in shapes_pairs.choose_prompts(50, seed=3, single_fraction=0.2):
-        assert not shapes.is_heldout(p)
+    for p in pairs.choose_prompts(50, seed=3, single_fraction=0.2):
+        assert not world.is_heldout(p)
 
 
 def test_eval_on_two_prompts(pipe):
-    from inversion_dpo import shapes_eval
+    from shapes import sampling
 
     groups = {"single": ["a red circle"], "two": ["a blue square left of a yellow triangle"]}
-    results = shapes_eval.evaluate(pipe, groups, num_images=2, seed=0, steps=4)
+    results = sampling.evaluate(pipe, groups, num_images=2, seed=0, steps=4)
     assert [r.name for r in results] == ["single", "two"]
     for r in results:
         assert r.num_samples == 2 and 0.0 <= r.mean_score <= 1.0 and 0.0 <= r.pass_rate <= 1.0

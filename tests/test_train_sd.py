@@ -8,7 +8,10 @@ import signal
 
 import pytest
 import torch
-from script_runner import QUICK, lora, metrics, run, start, steps_logged, wait_for
+from script_runner import QUICK, REPO, lora, metrics, run, start, steps_logged, wait_for
+
+
+pytestmark = pytest.mark.slow  # training runs through accelerate launch
 
 
 SCRIPT = "train_inversion_dpo.py"
@@ -381,15 +384,39 @@ def test_ctrl_c_saves_and_exits_0_and_resumes_to_the_same_adapter(four_steps, tm
     assert proc.returncode == 0
 
 
+SLOW_SAVE = """import runpy, sys, time
+import safetensors.torch
+
+save_file = safetensors.torch.save_file
+
+
+def slow_save_file(tensors, filename, metadata=None):
+    if filename.endswith("optimizer.safetensors"):
+        time.sleep(2)
+    return save_file(tensors, filename, metadata)
+
+
+safetensors.torch.save_file = slow_save_file
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def slow_save_wrapper(folder):
+    """A script that runs the trainer with slow optimizer-state writes (the trainer imports ``save_file`` from
+    ``safetensors.torch`` when it starts, after the wrapper has replaced it)."""
+    path = os.path.join(str(folder), "slow_save.py")
+    with open(path, "w") as f:
+        f.write(SLOW_SAVE.format(script=os.path.join(REPO, SCRIPT)))
+    return path
+
+
 def test_kill_9_during_a_save_leaves_the_last_complete_checkpoint_latest(four_steps, tmp_path):
     out, args = four_steps
     run_dir = str(tmp_path / "run")
-    # the fault-injection hook makes every save sleep after writing the adapter: the kill lands inside one
-    proc = start(
-        SCRIPT,
-        args + ["--output_dir", run_dir, "--max_train_steps", 4],
-        extra_env={"INVERSION_DPO_TEST_SLOW_SAVE": "2"},
-    )
+    # the trainer run through a wrapper whose safetensors writes sleep before each optimizer file: every checkpoint
+    # save pauses after its adapter is written, and the kill lands inside one
+    proc = start(slow_save_wrapper(tmp_path), args + ["--output_dir", run_dir, "--max_train_steps", 4])
     partial = os.path.join(run_dir, ".partial-checkpoint-2")
     wait_for(lambda: os.path.exists(os.path.join(partial, "pytorch_lora_weights.safetensors")), proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -437,7 +464,7 @@ def write_bad_pairs(path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from inversion_dpo.tiny import jpeg_bytes, tiny_pairs
+    from tests.tiny import jpeg_bytes, tiny_pairs
 
     def png(image):
         buffer = io.BytesIO()

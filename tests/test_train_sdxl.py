@@ -23,7 +23,7 @@ def sdxl(tiny_sdxl_dir):
 
 
 def test_conditioning_is_the_pipelines_with_each_images_time_ids(sdxl):
-    from train_inversion_dpo_sdxl import sdxl_conditioning
+    from train_inversion_dpo_sdxl import TextEncoders, pair_conditioning
 
     captions = ["a red circle", "a blue square"]
     batch = {
@@ -32,9 +32,9 @@ def test_conditioning_is_the_pipelines_with_each_images_time_ids(sdxl):
         "original_sizes": torch.tensor([[[32, 32], [32, 32]], [[48, 64], [40, 32]]]),
         "crop_top_lefts": torch.tensor([[[0, 0], [0, 0]], [[0, 8], [4, 0]]]),
     }
-    tokenizers, encoders = [sdxl.tokenizer, sdxl.tokenizer_2], [sdxl.text_encoder, sdxl.text_encoder_2]
+    text = TextEncoders([sdxl.tokenizer, sdxl.tokenizer_2], [sdxl.text_encoder, sdxl.text_encoder_2])
     with torch.no_grad():
-        cond, null = sdxl_conditioning(tokenizers, encoders, batch, 32, "cpu")
+        cond, null = pair_conditioning(batch, text, 32)
         embeds, _, pooled, _ = sdxl.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
 
     # the same text conditioning as the stock pipeline's, for winners then losers
@@ -105,6 +105,7 @@ def common(tiny_sdxl_dir, tiny_pairs_parquet):
     return ["--pretrained_model_name_or_path", tiny_sdxl_dir, "--dataset_name", tiny_pairs_parquet, *QUICK]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: o[1])
 def test_every_objective_trains_a_lora(objective, tiny_sdxl_dir, tiny_pairs_parquet, tmp_path):
     out = str(tmp_path / "out")
@@ -129,10 +130,12 @@ def inpo_runs(tiny_sdxl_dir, tiny_pairs_parquet, tmp_path_factory):
     return straight, resumed
 
 
+@pytest.mark.slow
 def test_inpo_trains_a_lora(inpo_runs):
     check_run(inpo_runs[0], RESUMABLE, steps=4)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_adapter(inpo_runs):
     straight, resumed = inpo_runs
     assert [r["step"] for r in metrics(resumed) if "loss" in r] == [3, 4]
@@ -147,6 +150,7 @@ def test_resume_continues_the_same_adapter(inpo_runs):
     assert sorted(os.listdir(os.path.join(straight, "validation"))) == ["final-000004.png", "validation-000002.png"]
 
 
+@pytest.mark.slow
 def test_lora_loads_into_stock_sdxl_pipeline_and_changes_output(inpo_runs, tiny_sdxl_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -164,6 +168,7 @@ def test_lora_loads_into_stock_sdxl_pipeline_and_changes_output(inpo_runs, tiny_
     assert (after - before).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_the_sft_anchor_trains_from_the_cache(tiny_sdxl_dir, tiny_pairs_parquet, tmp_path):
     # a cached run has no text encoder: the dropped rows get the null conditioning built from the cached one (zeros
     # text and pooled, the image's own time ids), for the sft term and the reference anchor

@@ -8,7 +8,7 @@ better), built from weights at hand (a Hub id or a local path), safetensors only
 | ``clip_score`` | any CLIP (Hessel et al. 2021, arXiv 2104.08718) | ``100 * max(cos(image, text), 0)`` |
 | ``aesthetic`` | the LAION aesthetic predictor v2: a linear head on CLIP ViT-L/14's normalised image embedding | the head's output |
 | ``imagereward`` | ImageReward (Xu et al. 2023, arXiv 2304.05977): BLIP's image-grounded text encoder, a linear head on its [CLS], normalised by the reward's mean and std (``python scripts/convert_scorer_weights.py imagereward ImageReward.pt --output_dir ImageReward``) | ``(head(cls) - mean) / std`` |
-| ``shapes`` | the shapes world's pixel scorer (``inversion_dpo/shapes.py``) | the fraction of the prompt's atoms that hold |
+| ``shapes`` | the shapes world's pixel scorer (``shapes/scorer.py``) | the fraction of the prompt's atoms that hold |
 
 The linear heads (aesthetic, ImageReward) are ``layers.<i>.weight/bias`` of ``torch.nn.Linear`` layers applied in
 order with no activation between them, as both projects define them (their ReLUs are commented out; dropout is off
@@ -24,12 +24,11 @@ does, so neither does this scorer.
 import os
 import re
 import shlex
+import sys
 from typing import Callable, Dict, List, Sequence
 
 import torch
 from PIL import Image
-
-from .data import DataError, first_line
 
 
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"  # layers.<i>.weight/bias, mean, std
@@ -37,6 +36,28 @@ IMAGEREWARD_MAX_LENGTH = 35  # ImageReward's prompt length
 CONVERTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                          "convert_scorer_weights.py")  # fmt: skip
 PUBLISHED = {"hpsv2": "HPS_v2.1_compressed.pt (xswu/HPSv2)", "imagereward": "ImageReward.pt (THUDM/ImageReward)"}
+
+
+class InputError(ValueError):
+    """Bad input to an evaluation script (a model, scorer, adapter or file that is missing or cannot be read); the
+    message is one line naming it."""
+
+
+def first_line(error: Exception, limit: int = 200) -> str:
+    """An exception's message cut to its first line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def run_cli(main, parse_args):
+    """Runs a script's main; bad input ends in one line naming the problem (exit 2), not a traceback."""
+    try:
+        main(parse_args())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def conversion_command(kind: str, checkpoint: str):
@@ -54,8 +75,8 @@ def refuse_checkpoint_file(kind: str, path: str, layout: str):
     command that converts it."""
     if os.path.isfile(path):
         command, output_dir = conversion_command(kind, path)
-        raise DataError(f"--{kind}: '{path}' is a checkpoint file, not a transformers {layout} folder: convert it "
-                        f"with `{command}` and pass --{kind} {shlex.quote(output_dir)}")  # fmt: skip
+        raise InputError(f"--{kind}: '{path}' is a checkpoint file, not a transformers {layout} folder: convert it "
+                         f"with `{command}` and pass --{kind} {shlex.quote(output_dir)}")  # fmt: skip
 
 
 def conversion_hint(kind: str) -> str:
@@ -68,17 +89,17 @@ def load_model(cls, name_or_path: str, what: str, hint: str = ""):
     """``cls.from_pretrained`` (safetensors only) with a one-line error naming the flag and the model (and ``hint``)."""
     kwargs = {"use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
     if not os.path.isdir(name_or_path) and (os.path.isabs(name_or_path) or name_or_path.startswith(".")):
-        raise DataError(f"{what}: no folder '{name_or_path}'{hint}")
+        raise InputError(f"{what}: no folder '{name_or_path}'{hint}")
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except Exception as e:  # missing, offline, another architecture's weights: all one line naming the model
         where = "local folder" if os.path.isdir(name_or_path) else "Hub id (offline, or no such repository?)"
-        raise DataError(f"{what}: could not load '{name_or_path}' as a {where}: {first_line(e)}{hint}") from None
+        raise InputError(f"{what}: could not load '{name_or_path}' as a {where}: {first_line(e)}{hint}") from None
 
 
 def load_head(path: str, what: str, hint: str = "") -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise DataError(f"{what}: no file '{path}'{hint}")
+        raise InputError(f"{what}: no file '{path}'{hint}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -86,7 +107,7 @@ def load_head(path: str, what: str, hint: str = "") -> Dict[str, torch.Tensor]:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{what}: could not read '{path}' ({type(e).__name__}: {first_line(e)})") from None
+        raise InputError(f"{what}: could not read '{path}' ({type(e).__name__}: {first_line(e)})") from None
 
 
 class LinearHead(torch.nn.Module):
@@ -150,7 +171,7 @@ class AestheticScorer:
         try:
             self.head = LinearHead(load_head(head, "--aesthetic_head")).to(device).eval()
         except ValueError as e:
-            raise DataError(f"--aesthetic_head '{head}': {e}") from None
+            raise InputError(f"--aesthetic_head '{head}': {e}") from None
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> List[float]:
@@ -178,7 +199,7 @@ class ImageRewardScorer:
             self.head = LinearHead(state).to(device).eval()
             self.mean, self.std = float(state["mean"]), float(state["std"])
         except (ValueError, KeyError) as e:
-            raise DataError(f"--imagereward '{folder}': {IMAGEREWARD_HEAD}: {e}") from None
+            raise InputError(f"--imagereward '{folder}': {IMAGEREWARD_HEAD}: {e}") from None
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> List[float]:
@@ -202,11 +223,11 @@ class ImageRewardScorer:
 
 
 def shapes_scorer(prompts: Sequence[str]) -> Callable:
-    from . import shapes
+    from shapes import scorer, world
 
     for i, prompt in enumerate(prompts):
         try:
-            shapes.parse_prompt(prompt)
+            world.parse_prompt(prompt)
         except ValueError:
-            raise DataError(f"--shapes_score: prompt {i + 1} '{prompt}' is not a shapes-world prompt") from None
-    return lambda images, prompts: [shapes.score(im, p).score for im, p in zip(images, prompts)]
+            raise InputError(f"--shapes_score: prompt {i + 1} '{prompt}' is not a shapes-world prompt") from None
+    return lambda images, prompts: [scorer.score(im, p).score for im, p in zip(images, prompts)]

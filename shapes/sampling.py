@@ -3,7 +3,7 @@ also serve ``evaluate.py`` for any SD or SDXL model).
 
 ``sample`` draws K images per prompt: image j of every prompt starts from the noise of seed ``seed + j``
 (common random numbers: two models, or a model with and without a LoRA, are compared on the same noise).
-``evaluate`` scores them with ``shapes.score`` and reports, per group of prompts, the mean score and the
+``evaluate`` scores them with ``shapes.scorer.score`` and reports, per group of prompts, the mean score and the
 full-prompt pass rate.
 """
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inversion_dpo import shapes
+from evaluation.scorers import InputError, first_line
+from shapes import scorer, world
 
 
 DEFAULT_STEPS = 25
@@ -24,10 +25,8 @@ DEFAULT_GUIDANCE = 5.0
 
 def load_pipeline(model_path: str, lora_path: Optional[str] = None, torch_dtype=None):
     """An SD or SDXL pipeline from a folder or Hub id (no safety checker; safetensors only), with DDIM, optionally
-    with LoRA weights. A model or adapter that cannot be loaded is a one-line DataError naming it."""
+    with LoRA weights. A model or adapter that cannot be loaded is a one-line InputError naming it."""
     from diffusers import DDIMScheduler, DiffusionPipeline
-
-    from .data import DataError, first_line
 
     try:
         components = DiffusionPipeline.load_config(model_path)
@@ -36,7 +35,7 @@ def load_pipeline(model_path: str, lora_path: Optional[str] = None, torch_dtype=
             model_path, use_safetensors=True, torch_dtype=torch_dtype, **no_checker
         )
     except (OSError, ValueError) as e:
-        raise DataError(f"could not load model '{model_path}': {first_line(e)}") from None
+        raise InputError(f"could not load model '{model_path}': {first_line(e)}") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path:
         load_adapter(pipe, lora_path)
@@ -45,13 +44,11 @@ def load_pipeline(model_path: str, lora_path: Optional[str] = None, torch_dtype=
 
 
 def load_adapter(pipe, lora_path: str, adapter_name: Optional[str] = None):
-    """``pipe.load_lora_weights`` from safetensors only, with a one-line DataError naming the adapter."""
-    from .data import DataError, first_line
-
+    """``pipe.load_lora_weights`` from safetensors only, with a one-line InputError naming the adapter."""
     try:
         pipe.load_lora_weights(lora_path, adapter_name=adapter_name, use_safetensors=True)
     except (OSError, ValueError) as e:
-        raise DataError(f"could not load adapter '{lora_path}': {first_line(e)}") from None
+        raise InputError(f"could not load adapter '{lora_path}': {first_line(e)}") from None
 
 
 @torch.no_grad()
@@ -89,14 +86,14 @@ def sample(
 def sample_and_score(pipe, prompts: Sequence[str], num_images: int, seed: int, **sample_kwargs):
     """``sample`` then the shapes scorer: (images, results), each a list per prompt of ``num_images``."""
     images = sample(pipe, prompts, num_images, seed, **sample_kwargs)
-    results = [[shapes.score(im, p) for im in ims] for p, ims in zip(prompts, images)]
+    results = [[scorer.score(im, p) for im in ims] for p, ims in zip(prompts, images)]
     return images, results
 
 
 OUTCOMES = ("pass", "relation", "objects")
 
 
-def outcome(result: "shapes.ScoreResult") -> str:
+def outcome(result: "scorer.ScoreResult") -> str:
     """``pass``; ``relation`` (every object right, nothing extra, only the relation wrong); or ``objects`` (an object
     missing or wrong, or an extra one)."""
     if result.passed:
@@ -107,7 +104,7 @@ def outcome(result: "shapes.ScoreResult") -> str:
 FAILURE_KINDS = ("pass", "relation", "colours swapped", "colour", "shape", "missing", "extra")
 
 
-def failure_kind(result: "shapes.ScoreResult") -> str:
+def failure_kind(result: "scorer.ScoreResult") -> str:
     """What one scored sample got wrong, the first that applies of ``FAILURE_KINDS``: ``pass``; ``relation`` (every
     object right, nothing extra, only the order wrong); ``colours swapped`` (two objects of different colours and
     shapes drawn each with the other's colour, nothing else); ``extra`` (more objects than the prompt names);
@@ -168,13 +165,13 @@ class GroupResult:
 
 
 def score_group(name: str, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> GroupResult:
-    results = [shapes.score(im, p) for p, ims in zip(prompts, images) for im in ims]
+    results = [scorer.score(im, p) for p, ims in zip(prompts, images) for im in ims]
     return GroupResult(
         name=name,
         num_prompts=len(prompts),
         num_samples=len(results),
         mean_score=float(np.mean([r.score for r in results])) if results else float("nan"),
-        pass_rate=shapes.pass_rate(results),
+        pass_rate=scorer.pass_rate(results),
     )
 
 
@@ -190,9 +187,9 @@ def default_groups(num_two_object: int = 48, seed: int = 0) -> Dict[str, List[st
         return prompts
 
     return {
-        "single": [str(p) for p in shapes.train_prompts(1)],
-        "heldout-2obj": subset(shapes.heldout_prompts()),
-        "train-2obj": subset(shapes.train_prompts(2)),
+        "single": [str(p) for p in world.train_prompts(1)],
+        "heldout-2obj": subset(world.heldout_prompts()),
+        "train-2obj": subset(world.train_prompts(2)),
     }
 
 

@@ -1,7 +1,7 @@
 """Preference pairs for the shapes world, in the Pick-a-Pic v2 schema, from a model's own samples.
 
 For each chosen TRAIN prompt (held-out prompts are never used), ``images_per_prompt`` images are sampled with
-fixed seeds and scored with ``shapes.score``; every two images with different scores make a pair (the higher
+fixed seeds and scored with ``shapes.scorer.score``; every two images with different scores make a pair (the higher
 score wins), ties are dropped. Each row is ``jpg_0``, ``jpg_1`` (JPEG bytes), ``label_0`` (1.0 when ``jpg_0``
 is the winner, else 0.0; the winner's position is random) and ``caption``, plus ``score_0``/``score_1``.
 """
@@ -14,14 +14,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from inversion_dpo import shapes, shapes_eval
+from shapes import sampling, scorer, world
 
 
 def choose_prompts(num_prompts: int, seed: int = 0, single_fraction: float = 0.0) -> List[str]:
     """``num_prompts`` distinct train prompts (two-object ones, plus a share of single-object ones)."""
     rng = np.random.default_rng(seed)
-    singles = [str(p) for p in shapes.train_prompts(1)]
-    doubles = [str(p) for p in shapes.train_prompts(2)]
+    singles = [str(p) for p in world.train_prompts(1)]
+    doubles = [str(p) for p in world.train_prompts(2)]
     n_single = min(len(singles), int(round(num_prompts * single_fraction)))
     n_double = min(len(doubles), num_prompts - n_single)
     chosen = [singles[i] for i in rng.choice(len(singles), n_single, replace=False)]
@@ -48,9 +48,9 @@ def pairs_from_samples(
     rng = np.random.default_rng(seed)
     rows = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": [], "score_0": [], "score_1": []}
     for prompt, ims in zip(prompts, images):
-        if shapes.is_heldout(prompt):
+        if world.is_heldout(prompt):
             raise ValueError(f"held-out prompt {prompt!r} must not be used for training pairs")
-        scores = [shapes.score(im, prompt).score for im in ims]
+        scores = [scorer.score(im, prompt).score for im in ims]
         candidates = [(a, b) for a, b in itertools.combinations(range(len(ims)), 2) if scores[a] != scores[b]]
         if min_winner_score is not None:
             candidates = [(a, b) for a, b in candidates if max(scores[a], scores[b]) >= min_winner_score]
@@ -94,8 +94,8 @@ def make_pairs(
     images_per_prompt: int,
     out_path: str,
     seed: int = 0,
-    steps: int = shapes_eval.DEFAULT_STEPS,
-    guidance: float = shapes_eval.DEFAULT_GUIDANCE,
+    steps: int = sampling.DEFAULT_STEPS,
+    guidance: float = sampling.DEFAULT_GUIDANCE,
     single_fraction: float = 0.0,
     max_pairs_per_prompt: Optional[int] = None,
     prompts: Optional[Sequence[str]] = None,
@@ -104,11 +104,11 @@ def make_pairs(
     """Samples, scores and writes pairs; returns counts. Sampling seeds are ``seed * 1000 + j``."""
     if prompts is None:
         prompts = choose_prompts(num_prompts, seed, single_fraction)
-    images = shapes_eval.sample(pipe, prompts, images_per_prompt, seed * 1000, steps, guidance)
+    images = sampling.sample(pipe, prompts, images_per_prompt, seed * 1000, steps, guidance)
     rows = pairs_from_samples(prompts, images, seed, max_pairs_per_prompt, min_winner_score)
     write_parquet(rows, out_path)
     n_samples = len(prompts) * images_per_prompt
-    passed = sum(shapes.score(im, p).passed for p, ims in zip(prompts, images) for im in ims)
+    passed = sum(scorer.score(im, p).passed for p, ims in zip(prompts, images) for im in ims)
     return {
         "prompts": len(prompts),
         "samples": n_samples,

@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion stand-ins built in code: the offline default of the scripts and the tests' models.
+"""Tiny Stable Diffusion stand-ins built in code: the tests' models, and the cost benchmark's with ``--tiny``.
 
 Real checkpoints cannot be downloaded here, so the same loading code (``from_pretrained`` on a folder) is
 exercised on a randomly initialised model with the real architecture, saved like a real one.
