@@ -11,7 +11,10 @@
 Image j of every prompt starts from the noise of seed ``--seed + j`` for every model (common random numbers), so the
 win rate of an adapter against the base is a paired comparison: per image, 1 if the adapter's scores higher, 1/2 on a
 tie. Writes ``scores.csv`` (one row per model, prompt and seed), ``summary.csv`` (mean and win rate with 95%
-intervals per model and scorer), ``grid.png`` (a row per model, a column per prompt, the first seed) and the images.
+intervals per model and scorer: a mean's is clipped to its score's range, the win rate's is Wilson's with ties as
+half-wins; ``evaluation/stats.py``), ``grid.png`` (a row per model, a column per prompt, the first seed) and the
+images. A model or adapter that is neither a local folder nor a Hub repository (offline: one in the local cache)
+stops it at once, in one line.
 The scorers are in ``evaluation/scorers.py``; a scorer runs only when its weights are given. HPSv2 and ImageReward
 read converted folders: ``scripts/convert_scorer_weights.py`` makes them from the published checkpoints.
 """
@@ -23,12 +26,42 @@ import re
 
 import torch
 
-from evaluation.scorers import InputError, run_cli
+from evaluation.scorers import InputError, first_line, run_cli
 
 
 def is_hub_id(name: str) -> bool:
-    """A Hub repository id (``owner/name``) rather than a local path."""
-    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+    """A Hub repository id (``owner/name``) rather than a local path: neither part starts with a dot (``./x``)."""
+    return not os.path.exists(name) and re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) is not None
+
+
+def locate(name: str, flag: str, kind: str) -> str:
+    """What ``name`` (a model or an adapter) loads from, checked before anything is sampled: a local path as given; a
+    Hub id as given once the Hub says it exists, or, offline or with the Hub out of reach, its snapshot in the local
+    cache (diffusers does not look an adapter up in the cache without a weight name). Otherwise one line naming it as
+    a missing folder: ``some/typo`` is more often a mistyped folder than a Hub repository."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if os.path.exists(name):
+        return name
+    missing = f"{flag}: no such {kind} folder: '{name}'"
+    if not is_hub_id(name):
+        raise InputError(missing)
+    reason = "HF_HUB_OFFLINE is set, so the Hub is not asked"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            HfApi().repo_info(name, timeout=10)
+            return name
+        except GatedRepoError:  # it exists; the download asks for access
+            return name
+        except RepositoryNotFoundError:
+            raise InputError(f"{missing}, nor a Hub repository (a private one needs `hf auth login`)") from None
+        except Exception as e:
+            reason = f"the Hub could not be reached: {first_line(e, 120)}"
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # not in the cache, whatever the cause: the same answer
+        raise InputError(f"{missing} (nor a Hub repository in the local cache; {reason})") from None
 
 
 def make_parser():
@@ -41,15 +74,19 @@ def make_parser():
     p.add_argument(
         "--prompts", required=True, help="A text file, one prompt a line (blank lines and # comments skipped)."
     )
-    p.add_argument("--num_images_per_prompt", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_images_per_prompt", type=int, default=2, help="Images per prompt and model.")
+    p.add_argument(
+        "--seed", type=int, default=0, help="Image j of every prompt starts from seed + j, the same for every model."
+    )
+    p.add_argument("--num_inference_steps", type=int, default=25, help="Sampling steps per image.")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance of the samples.")
     p.add_argument("--resolution", type=int, default=None, help="Square image size (default: the model's).")
     p.add_argument("--batch_size", type=int, default=8, help="Images sampled at once.")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="Of the diffusion pipeline.")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output_dir", default="eval")
+    p.add_argument("--device", default=None, help="Where the models run; unset: cuda when there is one, else cpu.")
+    p.add_argument(
+        "--output_dir", default="eval", help="Where scores.csv, summary.csv, grid.png and images/ are written."
+    )
     p.add_argument("--grid_prompts", type=int, default=8, help="Prompts (columns) in grid.png.")
     g = p.add_argument_group("scorers (each runs when its weights are given: a Hub id or a local path)")
     g.add_argument("--pickscore", default=None, help="PickScore's CLIP, e.g. yuvalkirstain/PickScore_v1.")
@@ -89,6 +126,8 @@ def parse_args(input_args=None):
         p.error("--aesthetic_clip and --aesthetic_head go together")
     if args.num_images_per_prompt < 1:
         p.error("--num_images_per_prompt must be at least 1")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 
@@ -125,12 +164,13 @@ def load_scorers(args, prompts):
 
 def summarize(scores, names, scorer_names):
     """Rows of summary.csv: per model and scorer, the mean with its interval and, against base, the win rate."""
+    from evaluation.scorers import SCORE_RANGES
     from evaluation.stats import mean_interval, win_rate
 
     rows = []
     for name in names:
         for scorer in scorer_names:
-            mean, low, high = mean_interval(scores[name][scorer])
+            mean, low, high = mean_interval(scores[name][scorer], bounds=SCORE_RANGES.get(scorer))
             row = {"model": name, "scorer": scorer, "n": len(scores[name][scorer]), "mean": mean, "mean_low": low,
                    "mean_high": high, "win_rate": "", "win_low": "", "win_high": ""}  # fmt: skip
             if name != "base":
@@ -141,24 +181,23 @@ def summarize(scores, names, scorer_names):
 
 
 def main(args):
-    from evaluation.plots import labelled_grid
+    from evaluation.plots import image_grid, save
     from shapes import sampling
 
-    # 1. Prompts, scorers, models: everything that can be missing is looked for before the first image
+    # 1. Prompts, models, scorers: everything that can be missing is looked for before the first image
     prompts = read_prompts(args.prompts)
-    for adapter in args.adapters:
-        if not os.path.exists(adapter) and not is_hub_id(adapter):
-            raise InputError(f"--adapters: '{adapter}' is neither a local path nor a Hub id")
-    scorers = load_scorers(args, prompts)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = sampling.load_pipeline(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
+    model = locate(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", "model")
+    adapters = [locate(adapter, "--adapters", "adapter") for adapter in args.adapters]
     names = ["base"] + (args.adapter_names or [os.path.basename(os.path.normpath(a)) for a in args.adapters])
     if len(set(names)) != len(names):
         raise InputError(f"two models share a name ({', '.join(names)}): name them with --adapter_names")
+    scorers = load_scorers(args, prompts)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = sampling.load_pipeline(model, torch_dtype=dtype).to(args.device)
 
     # 2. Sample every model on the same prompts and seeds; score
     images, scores = {}, {}
-    for name, adapter in zip(names, [None] + list(args.adapters)):
+    for name, adapter in zip(names, [None] + adapters):
         if adapter:
             sampling.load_adapter(pipe, adapter, adapter_name=name)
         images[name] = sampling.sample(
@@ -195,8 +234,10 @@ def main(args):
         writer.writerows(summary)
     shown = prompts[: args.grid_prompts]
     first = {name: [ims[0] for ims in images[name][: len(shown)]] for name in names}
-    grid = labelled_grid(first, shown, scale=max(1, 128 // first["base"][0].width))
-    grid.save(os.path.join(args.output_dir, "grid.png"))
+    grid = image_grid(
+        first, shown, title=f"The first seed ({args.seed}) of each prompt, the same noise for every model"
+    )
+    save(grid, os.path.join(args.output_dir, "grid.png"))
 
     n = len(prompts) * args.num_images_per_prompt
     print(f"{len(prompts)} prompts x {args.num_images_per_prompt} seeds = {n} images per model; 95% intervals")

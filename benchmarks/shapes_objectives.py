@@ -182,10 +182,89 @@ def compute_by_step(run_dir):
     return out
 
 
+def curve_point(records, step) -> dict:
+    """One checkpoint's held-out accuracy over its seeds' records: the mean over seeds, each seed's, the samples
+    pooled over seeds (for the Wilson interval), and the mean compute spent to reach it (0 for the base)."""
+    return {
+        "step": step,
+        "unet": float(np.mean([r.get("unet_evals", 0.0) for r in records])),
+        "seconds": float(np.mean([r.get("seconds", 0.0) for r in records])),
+        "accuracy": float(np.mean([np.mean(r["passed"]) for r in records])),
+        "seeds": [float(np.mean(r["passed"])) for r in records],
+        "passed": int(sum(sum(r["passed"]) for r in records)),
+        "n": sum(len(r["passed"]) for r in records),
+    }
+
+
+# the plots' x axes: (file name, curve_point key, axis label)
+AXES = [
+    ("by_steps", "step", "optimizer steps"),
+    ("by_unet_evals", "unet", "UNet forward-equivalents per pair"),
+    ("by_seconds", "seconds", "wall-clock seconds of training"),
+]
+
+
+def accuracy_panel(ax, curves, base, key, x_label):
+    """Held-out accuracy against one measure of cost: per run, the mean over seeds as a line from the base (cost 0)
+    with the 95% Wilson interval of its samples pooled over seeds as a band, and each seed's accuracy as a faint dot
+    where there are several; the base as a dashed line with its own band."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    from evaluation.plots import accuracy_band
+    from evaluation.stats import wilson_interval
+
+    low, high = wilson_interval(base["passed"], base["n"])
+    ax.axhspan(low, high, color="grey", alpha=0.12, linewidth=0)
+    ax.axhline(base["accuracy"], color="grey", linestyle="--", linewidth=1, label=f"base ({base['accuracy']:.1%})")
+    for i, (label, points) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        points = [base] + list(points)
+        bands = [wilson_interval(p["passed"], p["n"]) for p in points]
+        x = [p[key] for p in points]
+        accuracy_band(
+            ax, x, [p["accuracy"] for p in points], [b[0] for b in bands], [b[1] for b in bands], label, color
+        )
+        if any(len(p["seeds"]) > 1 for p in points):
+            seeds = [(p[key], a) for p in points[1:] for a in p["seeds"]]
+            ax.plot([x for x, _ in seeds], [a for _, a in seeds], ".", color=color, alpha=0.35, markersize=4)
+    if key == "step":
+        ax.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2, 2.5, 5, 10], integer=True))
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("held-out full-prompt accuracy")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.grid(alpha=0.3)
+
+
+def plot_curves(curves, base, output_dir):
+    """``curves.png`` (held-out accuracy against steps, UNet evaluations and seconds, side by side) and each panel on
+    its own (``by_steps.png``, ``by_unet_evals.png``, ``by_seconds.png``); returns the side-by-side figure."""
+    from evaluation.plots import new_figure, save
+
+    seeds = max(len(p["seeds"]) for points in curves.values() for p in points)
+    note = f"lines: mean over {seeds} seed{'s' if seeds > 1 else ''}" + ("; dots: each seed" if seeds > 1 else "")
+    note += f"; bands: 95% Wilson interval of the samples pooled over seeds (base: {base['n']} samples)"
+    for name, key, x_label in AXES:
+        fig, axes = new_figure(1, 1, panel_size=(6.4, 4.2))
+        accuracy_panel(axes[0][0], curves, base, key, x_label)
+        axes[0][0].set_title(f"held-out accuracy against {x_label}", fontsize=10)
+        axes[0][0].legend(fontsize=8)
+        fig.supxlabel(note, fontsize=7)
+        save(fig, os.path.join(output_dir, f"{name}.png"))
+    fig, axes = new_figure(1, len(AXES), panel_size=(5.0, 4.0))
+    for ax, (_, key, x_label) in zip(axes[0], AXES):
+        accuracy_panel(ax, curves, base, key, x_label)
+        ax.set_title(f"against {x_label}", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle("Held-out two-object accuracy of every objective", fontsize=11)
+    fig.supxlabel(note, fontsize=8)
+    save(fig, os.path.join(output_dir, "curves.png"))
+    return fig
+
+
 def main(args):
     import torch
 
-    from evaluation.plots import line_plot
     from evaluation.stats import mean_interval, win_rate
     from shapes import sampling, world
     from shapes.pairs import make_pairs
@@ -250,7 +329,7 @@ def main(args):
         "win rate vs base [95% CI] | s / step | UNet fwd-equiv / pair / step | to reach diffusion_dpo's final accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    series = {"steps": {}, "unet": {}, "seconds": {}}
+    curves = {}
     for label in runs:
         acc = curve(label, "passed")
         score = curve(label, "scores")
@@ -270,32 +349,15 @@ def main(args):
             f"{best[1]:.1%} (step {best[0]}) | {score[-1][1]:.3f} | {wins['win_rate']:.2f} [{wins['low']:.2f}, {wins['high']:.2f}] | "
             f"{seconds / steps[-1]:.2f} | {evals / steps[-1]:.1f} | {reached} |"
         )
-        for name, i in (("steps", 0), ("unet", 3), ("seconds", 2)):
-            series[name][label] = [(0.0, base_acc)] + [(row[i], row[1]) for row in acc]
-    mean, low, high = mean_interval(base["passed"])
+        curves[label] = [curve_point([done[(label, s, step)] for s in args.seeds], step) for step in steps]
+    mean, low, high = mean_interval(base["passed"], bounds=(0.0, 1.0))
     lines.append(f"| base | {mean:.1%} [{low:.1%}, {high:.1%}] | | | {base_score:.3f} | | | | |")
     text = "\n".join(lines)
     print("\n" + text)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    from PIL import Image
-
-    panels = [
-        line_plot(series["steps"], os.path.join(args.output_dir, "by_steps.png"), "held-out accuracy",
-                  "optimizer steps"),
-        line_plot(series["unet"], os.path.join(args.output_dir, "by_unet_evals.png"), "held-out accuracy",
-                  "UNet forward-equivalents per pair"),
-        line_plot(series["seconds"], os.path.join(args.output_dir, "by_seconds.png"), "held-out accuracy",
-                  "wall-clock seconds"),
-    ]  # fmt: skip
-    images = [Image.open(p) for p in panels]
-    strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
-    x = 0
-    for im in images:
-        strip.paste(im, (x, 0))
-        x += im.width
-    strip.save(os.path.join(args.output_dir, "curves.png"))
-    print(f"wrote {args.output_dir}/table.md and curves.png")
+    plot_curves(curves, curve_point([base], 0), args.output_dir)
+    print(f"wrote {args.output_dir}/table.md, curves.png, {', '.join(f'{name}.png' for name, *_ in AXES)}")
 
 
 if __name__ == "__main__":

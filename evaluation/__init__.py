@@ -1,2 +1,3 @@
 """Evaluating a base model against aligned ones: ``scorers`` (image-text reward models for ``evaluate.py``),
-``stats`` (confidence intervals and win rates) and ``plots`` (image grids and line plots)."""
+``stats`` (confidence intervals, win rates and paired differences) and ``plots`` (image grids and curves, drawn with
+matplotlib)."""

@@ -10,6 +10,10 @@ better), built from weights at hand (a Hub id or a local path), safetensors only
 | ``imagereward`` | ImageReward (Xu et al. 2023, arXiv 2304.05977): BLIP's image-grounded text encoder, a linear head on its [CLS], normalised by the reward's mean and std (``python scripts/convert_scorer_weights.py imagereward ImageReward.pt --output_dir ImageReward``) | ``(head(cls) - mean) / std`` |
 | ``shapes`` | the shapes world's pixel scorer (``shapes/scorer.py``) | the fraction of the prompt's atoms that hold |
 
+Each score's range, ``SCORE_RANGES``, bounds the intervals of its means: HPSv2 (a cosine) is in [-1, 1], CLIP score
+in [0, 100], the shapes score in [0, 1]; PickScore (a cosine times the checkpoint's own ``exp(logit_scale)``) and
+the linear heads' outputs are left unbounded.
+
 The linear heads (aesthetic, ImageReward) are ``layers.<i>.weight/bias`` of ``torch.nn.Linear`` layers applied in
 order with no activation between them, as both projects define them (their ReLUs are commented out; dropout is off
 at evaluation). A head file is safetensors, or a ``.pth`` state dict read with ``torch.load(weights_only=True)``.
@@ -35,6 +39,8 @@ IMAGEREWARD_HEAD = "imagereward_head.safetensors"  # layers.<i>.weight/bias, mea
 IMAGEREWARD_MAX_LENGTH = 35  # ImageReward's prompt length
 CONVERTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                          "convert_scorer_weights.py")  # fmt: skip
+SCORE_RANGES = {"pickscore": None, "hpsv2": (-1.0, 1.0), "clip_score": (0.0, 100.0), "aesthetic": None,
+                "imagereward": None, "shapes": (0.0, 1.0)}  # fmt: skip
 PUBLISHED = {"hpsv2": "HPS_v2.1_compressed.pt (xswu/HPSv2)", "imagereward": "ImageReward.pt (THUDM/ImageReward)"}
 
 

@@ -57,6 +57,18 @@ def test_demo_story_end_to_end(tmp_path):
     held_out = results["table"]["held-out two-object"]
     assert held_out["base"]["n"] == 3 and 0.0 <= held_out["aligned"]["win_rate"]["win_rate"] <= 1.0
     assert "| held-out two-object | aligned |" in proc.stdout
+    # the headline: the last line printed and the first of results.md, decided by the paired interval
+    diff = held_out["aligned"]["accuracy_difference"]
+    assert (diff["n"], diff["base"]) == (3, held_out["base"]["accuracy"])
+    verdict = "beat the base" if diff["low"] > 0 else "did not beat the base"
+    assert proc.stdout.strip().splitlines()[-1] == results["headline"]
+    assert results["headline"].startswith("Held-out prompts, full-prompt accuracy: base ")
+    assert results["headline"].endswith(
+        f"(paired: 3 samples of 3 prompts on the same noise): the aligned model {verdict}."
+    )
+    report = (out / "results.md").read_text().splitlines()
+    assert report[0] == results["headline"] and "not reproducible to the digit" in report[2]
+    assert report[4].startswith("| prompts | model |")
     # every held-out sample is counted once in what changed between base and aligned on the same noise
     changes = held_out["aligned"]["transitions"]
     assert sum(n for row in changes.values() for n in row.values()) == 3
@@ -91,10 +103,78 @@ def test_demo_on_the_sdxl_twin_trains_with_the_sdxl_script(tmp_path):
     assert json.loads((out / "results.json").read_text())["table"]["held-out two-object"]["aligned"]["n"] == 3
 
 
-def test_the_training_curve_plots_a_running_mean_of_the_per_step_values():
+def import_demo():
     sys.path.insert(0, REPO)
     import demo
 
-    steps = [(s, float(s % 2)) for s in range(1, 7)]  # a loss that jumps between 0 and 1 every step
-    assert demo.running_mean(steps, 1) == steps
-    assert demo.running_mean(steps, 2) == [(1, 1.0), (2, 0.5), (3, 0.5), (4, 0.5), (5, 0.5), (6, 0.5)]
+    return demo
+
+
+def test_the_headline_says_beat_only_when_the_paired_interval_is_above_zero():
+    from evaluation.stats import paired_difference
+
+    demo = import_demo()
+    gain = paired_difference([True] * 60 + [False] * 40, [True] * 50 + [False] * 50)
+    assert demo.headline(gain, 50) == (
+        "Held-out prompts, full-prompt accuracy: base 50.0% -> aligned 60.0%, +10.0 points [95% CI +3.8, +16.0] "
+        "(paired: 100 samples of 50 prompts on the same noise): the aligned model beat the base."
+    )
+    small = paired_difference([True, True, False], [False, True, False])
+    assert small["difference"] > 0 and small["low"] < 0
+    assert demo.headline(small, 3).endswith(": the aligned model did not beat the base.")
+    assert demo.headline(paired_difference([False] * 9, [True] * 9), 9).endswith("did not beat the base.")
+
+
+def curve_rows(with_preference_loss):
+    rows = []
+    for step in range(1, 31):
+        row = {"step": step, "loss": 0.5 + 300 * 0.2 + 30000 * 1e-5, "sft": 0.2, "anchor": 1e-5, "accuracy": step % 2}
+        if with_preference_loss:
+            row["preference_loss"] = 0.25 + 0.01 * step
+        rows.append(row)
+    return rows + [{"final": True, "step": 30, "pairs": 4}]
+
+
+@pytest.mark.parametrize("with_preference_loss", [False, True])
+def test_the_training_curve_has_a_labelled_panel_per_term(tmp_path, with_preference_loss):
+    from evaluation.plots import axes_texts, running_mean
+
+    demo = import_demo()
+    rows = curve_rows(with_preference_loss)
+    flags = [*demo.TRAIN_ARGS, "--sft_weight", "300"]  # the last one wins, as in the trainer
+    fig = demo.training_curve(rows, flags, str(tmp_path / "training_curve.png"))
+    assert (tmp_path / "training_curve.png").stat().st_size > 0
+    assert [t["title"] for t in axes_texts(fig)] == [
+        "preference loss",
+        "sft loss on the winners (x 300 in the total)",
+        "reference anchor (x 30000 in the total)",
+        "preference accuracy (pairs ranked right)",
+    ]
+    assert all(t["xlabel"] == "optimizer step" and t["ylabel"] for t in axes_texts(fig))
+    assert all(ax.get_yticklabels() and ax.get_xticklabels() for ax in fig.axes)
+    assert (
+        fig.get_suptitle()
+        == "Training (inversion_dpo), 30 steps: total loss = preference + 300 x sft + 30000 x anchor"
+    )
+    # the preference loss: the logged key where there is one, else the total less the weighted terms
+    raw, smooth, no_preference = fig.axes[0].get_lines()
+    expected = [0.25 + 0.01 * s for s in range(1, 31)] if with_preference_loss else [0.5] * 30
+    assert list(raw.get_ydata()) == pytest.approx(expected)
+    window = 2  # 30 steps // 15
+    assert list(smooth.get_ydata()) == pytest.approx(
+        [y for _, y in running_mean(list(zip(range(1, 31), expected)), window)]
+    )
+    assert list(no_preference.get_ydata()) == pytest.approx([0.6931472] * 2)  # log 2: the sigmoid loss at margin 0
+    # the extra terms unweighted; the accuracy in [0, 1] with chance marked
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([0.2] * 30)
+    accuracy = fig.axes[3]
+    assert accuracy.get_ylim()[0] < 0 and 1 < accuracy.get_ylim()[1] < 1.1
+    chance = [line for line in accuracy.get_lines() if line.get_label() == "chance (0.5)"]
+    assert chance and list(chance[0].get_ydata()) == [0.5, 0.5]
+
+
+def test_the_trainer_flag_read_is_the_last_one_given():
+    demo = import_demo()
+    assert demo.train_flag(["--sft_weight", "300", "--sft_weight=5"], "--sft_weight") == "5"
+    assert demo.train_flag(["--anchor_weight", "1"], "--sft_weight") == "0"
+    assert demo.train_flag([], "--loss_type", "sigmoid") == "sigmoid"

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, random_lora
 from PIL import Image
 
-from evaluation.scorers import AestheticScorer, ClipScorer, ImageRewardScorer, InputError
+from evaluation.scorers import SCORE_RANGES, AestheticScorer, ClipScorer, ImageRewardScorer, InputError
 from evaluation.stats import mean_interval, win_rate
 from tests.tiny import save_linear_head, save_tiny_clip, save_tiny_imagereward
 
@@ -146,14 +146,20 @@ def test_evaluate_compares_base_and_adapters_under_every_scorer(tiny_sd_dir, ada
         summary = {(r["model"], r["scorer"]): r for r in csv.DictReader(f)}
     for scorer in scorers:
         assert summary[("base", scorer)]["win_rate"] == ""
-        mean, low, high = mean_interval(per_model["a1"][scorer])
+        mean, low, high = mean_interval(per_model["a1"][scorer], bounds=SCORE_RANGES[scorer])
         assert float(summary[("a1", scorer)]["mean"]) == pytest.approx(mean)
         assert float(summary[("a1", scorer)]["mean_low"]) == pytest.approx(low)
+        assert float(summary[("a1", scorer)]["mean_high"]) == pytest.approx(high)
+        if SCORE_RANGES[scorer]:  # a mean's interval stays within its score's range
+            lowest, highest = SCORE_RANGES[scorer]
+            assert all(lowest <= float(r["mean_low"]) <= float(r["mean_high"]) <= highest
+                       for (_, name), r in summary.items() if name == scorer)  # fmt: skip
         win = win_rate(per_model["a1"][scorer], per_model["base"][scorer])
         assert float(summary[("a1", scorer)]["win_rate"]) == pytest.approx(win["win_rate"])
         assert float(summary[("a1", scorer)]["win_high"]) == pytest.approx(win["high"])
     assert all(0 <= s <= 1 for s in per_model["base"]["shapes"])
-    assert Image.open(out / "grid.png").size == (80 + 2 * 128, 40 + 3 * 128)  # 3 models x 2 prompts, 4x zoom
+    grid = Image.open(out / "grid.png")  # 3 models (rows) x 2 prompts (columns)
+    assert grid.height > grid.width > 200
     assert "win rate vs base" in proc.stdout and "a2" in proc.stdout and "Traceback" not in proc.stderr
 
 
@@ -164,12 +170,18 @@ def test_evaluate_errors_are_one_line(tiny_sd_dir, adapter, scorer_models, tmp_p
     (tmp_path / "prompts.txt").write_text("a cat\n")
     base = ["--pretrained_model_name_or_path", tiny_sd_dir, "--prompts", str(tmp_path / "prompts.txt")]
     clip = ["--clip_score", scorer_models["clip"]]
+    prompts = ["--prompts", str(tmp_path / "prompts.txt")]
+    offline = r" \(nor a Hub repository in the local cache; HF_HUB_OFFLINE is set, so the Hub is not asked\)$"
     cases = {
         r"--shapes_score: prompt 1 'a cat' is not a shapes-world prompt": base + ["--shapes_score"],
-        r"--adapters: '/nonexistent/lora' is neither a local path nor a Hub id": base + clip + ["--adapters", "/nonexistent/lora"],
+        r"^--adapters: no such adapter folder: '/no/lora'$": base + clip + ["--adapters", "/no/lora"],
+        r"^--adapters: no such adapter folder: 'some/typo'" + offline: base + clip + ["--adapters", "some/typo"],
         r"no scorer: give at least one of": base,
-        r"--prompts: no file '/nonexistent/p.txt'": ["--pretrained_model_name_or_path", tiny_sd_dir, "--prompts", "/nonexistent/p.txt"],
-        r"could not load model '/nonexistent/sd'": ["--pretrained_model_name_or_path", "/nonexistent/sd", "--prompts", str(tmp_path / "prompts.txt")] + clip,
+        r"--prompts: no file '/nonexistent/p.txt'": base[:2] + ["--prompts", "/nonexistent/p.txt"],
+        r"^--pretrained_model_name_or_path: no such model folder: '/nonexistent/sd'$":
+            ["--pretrained_model_name_or_path", "/nonexistent/sd", *prompts, *clip],
+        r"^--pretrained_model_name_or_path: no such model folder: 'someone/sd'" + offline:
+            ["--pretrained_model_name_or_path", "someone/sd", *prompts, *clip],
     }  # fmt: skip
     for message, args in cases.items():
         with pytest.raises(InputError, match=message):
@@ -178,3 +190,26 @@ def test_evaluate_errors_are_one_line(tiny_sd_dir, adapter, scorer_models, tmp_p
     proc = run_evaluate(base + ["--pickscore", "/nonexistent/PickScore_v1"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: --pickscore: no folder '/nonexistent/PickScore_v1'"
+    # a mistyped adapter folder is named at once, before any scorer or model loads
+    proc = run_evaluate(base + clip + ["--adapters", adapter, "lora/typo"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "weight_name" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --adapters: no such adapter folder: 'lora/typo' (")
+
+
+def test_a_hub_id_offline_loads_from_its_cached_snapshot(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    import evaluate
+
+    snapshot = tmp_path / "hub" / "models--someone--lora" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert os.path.samefile(evaluate.locate("someone/lora", "--adapters", "adapter"), snapshot)
+    with pytest.raises(InputError, match=r"^--adapters: no such adapter folder: 'someone/typo' \(nor a Hub"):
+        evaluate.locate("someone/typo", "--adapters", "adapter")
+    assert evaluate.locate(str(tmp_path), "--adapters", "adapter") == str(tmp_path)  # a local path as given
+    with pytest.raises(InputError, match=r"^--adapters: no such adapter folder: './typo'$"):
+        evaluate.locate("./typo", "--adapters", "adapter")
