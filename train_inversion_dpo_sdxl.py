@@ -38,6 +38,30 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+
+# Known-harmless messages of the libraries below, each dropped by a filter on the logger that emits it (so nothing
+# else they say is lost). Installed before the imports (hence the file's E402 exemption): the first two are logged
+# while diffusers and peft import.
+# ruff: noqa: E402
+# Copied from train_inversion_dpo.HARMLESS_MESSAGES
+HARMLESS_MESSAGES = {
+    # bitsandbytes' CPU backend looks for the optional `kernels` package at import; only 4-bit layers would use it
+    "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward from kernels-community",
+    # without torchvision, transformers' image processors fall back to their PIL versions; the trainers use none
+    "transformers.utils.import_utils": r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back",
+    # `.to(dtype)` lists the modules a model keeps in float32: an empty list leaves nothing to keep
+    "diffusers.models.modeling_utils": r"There are modules in \w+ that should be kept in float32: \[\]\.",
+}
+
+
+# Copied from train_inversion_dpo.silence_harmless_messages
+def silence_harmless_messages():
+    for name, pattern in HARMLESS_MESSAGES.items():
+        logging.getLogger(name).addFilter(lambda record, p=re.compile(pattern): not p.match(record.getMessage()))
+
+
+silence_harmless_messages()
+
 import datasets
 import numpy as np
 import torch
@@ -48,7 +72,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, U
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
-from huggingface_hub import HfApi, ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub import HfApi, ModelCard, ModelCardData, is_offline_mode, try_to_load_from_cache
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -68,6 +92,9 @@ DEFAULT_RESOLUTION = 1024
 # Copied from train_inversion_dpo.LORA_TARGET_MODULES
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
+# Copied from train_inversion_dpo.LR_SCHEDULERS
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
 
 # Copied from train_inversion_dpo.InputError
 class InputError(ValueError):
@@ -85,6 +112,12 @@ class TrainingError(RuntimeError):
 
 # Copied from train_inversion_dpo.parse_args
 def parse_args(input_args=None):
+    return check_args(make_parser().parse_args(input_args))
+
+
+# Copied from train_inversion_dpo.make_parser
+def make_parser() -> argparse.ArgumentParser:
+    """The flags, each with a help text (so that --help shows every default); docs/flags.md is written from them."""
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -150,7 +183,14 @@ def parse_args(input_args=None):
         help="Processes that decode images (and check rows) beside the main one; 0 decodes in the main process.",
     )
     g = p.add_argument_group("objective")
-    g.add_argument("--objective", default="inversion_dpo", choices=sorted(OBJECTIVES))
+    g.add_argument(
+        "--objective",
+        default="inversion_dpo",
+        choices=sorted(OBJECTIVES),
+        help="inversion_dpo: DPO on the reference's DDIM inversion of each image (the paper's); diffusion_dpo: DPO at "
+        "one noised step per pair (Wallace et al. 2023); inpo: DDIM-InPO, on a coarse inversion grid; sft: "
+        "supervised fine-tuning on the winners alone.",
+    )
     g.add_argument(
         "--loss_type",
         default="sigmoid",
@@ -162,7 +202,8 @@ def parse_args(input_args=None):
         type=float,
         default=5000.0,
         help="KL strength. Diffusion-DPO's T is folded in and the 1/2 is applied inside: the logit is "
-        "-beta_dpo/2 * margin, as in the diffusers SD1.5 DPO example.",
+        "-beta_dpo/2 * margin, as in the Diffusion-DPO authors' code and diffusers' SDXL DPO example (diffusers' SD 1.5 "
+        "example leaves the 1/2 out: its 2500 is this 5000).",
     )
     g.add_argument(
         "--sft_weight",
@@ -286,7 +327,15 @@ def parse_args(input_args=None):
     g.add_argument(
         "--output_dir",
         default="inversion-dpo-lora",
-        help="Where the adapter, its card, the checkpoints and the logs are written.",
+        help="Where the adapter, its card, the checkpoints and the logs are written. A folder that holds a run "
+        "(checkpoints, logs or an adapter) is continued with --resume_from_checkpoint latest, or started over with "
+        "--overwrite_output_dir; otherwise the run stops before touching it.",
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start over in an --output_dir that holds a run: its checkpoints, logs, adapter, card, samples and "
+        "validation images are removed first (nothing else in the folder).",
     )
     g.add_argument("--logging_dir", default="logs", help="Under output_dir; metrics.jsonl is written there.")
     g.add_argument(
@@ -318,7 +367,8 @@ def parse_args(input_args=None):
     g.add_argument(
         "--lr_scheduler",
         default="constant",
-        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+        choices=LR_SCHEDULERS,
+        help="The learning rate's schedule over --max_train_steps (diffusers' get_scheduler).",
     )
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="Steps of linear warm-up of the learning rate.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
@@ -362,13 +412,26 @@ def parse_args(input_args=None):
         help="Save a checkpoint-N folder every this many steps (and always after the last step).",
     )
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
-    g.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest".')
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest": the last readable checkpoint-N of --output_dir (an unreadable one is '
+        "skipped with a warning). The metrics of steps after it are dropped from the log before the run continues.",
+    )
     g = p.add_argument_group("validation")
     g.add_argument(
         "--validation_prompts",
         nargs="+",
         default=None,
-        help="Sampled every --validation_steps and at the end with fixed seeds.",
+        help="Sampled every --validation_steps and at the end with fixed seeds; the final samples go into the model "
+        "card. Unset: the first --num_validation_prompts distinct captions of the data.",
+    )
+    g.add_argument(
+        "--num_validation_prompts",
+        type=int,
+        default=4,
+        help="Without --validation_prompts: validate on this many distinct captions of the data; 0 turns validation "
+        "off.",
     )
     g.add_argument(
         "--validation_steps", type=int, default=200, help="Sample the validation prompts every this many steps."
@@ -393,7 +456,7 @@ def parse_args(input_args=None):
         help="The card's license. Default: the base model's, read from its card when at hand (a local folder or the "
         'Hub cache), else "other".',
     )
-    return check_args(p.parse_args(input_args))
+    return p
 
 
 # Copied from train_inversion_dpo.check_args
@@ -410,9 +473,24 @@ def check_args(args):
         "resolution",
         "checkpointing_steps",
         "validation_steps",
+        "validation_num_inference_steps",
+        "num_train_epochs",
+        "max_train_steps",
+        "max_train_samples",
+        "checkpoints_total_limit",
     ):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("num_validation_prompts", "lr_warmup_steps", "dataloader_num_workers", "inpo_eta"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name} must be at least 0, got {getattr(args, name):g}")
+    for name in ("learning_rate", "beta_dpo"):
+        if not getattr(args, name) > 0:  # also refuses nan
+            raise InputError(f"--{name} must be above 0, got {getattr(args, name):g}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise InputError(
+            "--overwrite_output_dir starts the run over, --resume_from_checkpoint continues it: pass one of them"
+        )
     if args.inversion_grad_steps is not None and args.inversion_grad_steps < 1:
         raise InputError(f"--inversion_grad_steps must be at least 1, got {args.inversion_grad_steps}")
     if args.inversion_grad_steps is not None and args.inversion_margin == "step":
@@ -459,6 +537,66 @@ def check_args(args):
     return args
 
 
+# Copied from train_inversion_dpo.local_path_like
+def local_path_like(name: str) -> bool:
+    """A string that can only name a local path: absolute, starting with ``.`` or ``~``, with more than one ``/``, or
+    an existing file (a Hub id is ``name`` or ``owner/name``)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.isfile(name)
+
+
+# Copied from train_inversion_dpo.check_model_path
+def check_model_path(flag: str, name: str, index_file: str, revision: Optional[str] = None):
+    """A one-line InputError for a model that cannot load: a local path that is not a folder, or, offline, a Hub id
+    that is not in the Hub cache. Cheap: no weight is read; online, a Hub id is left to the load itself."""
+    if os.path.isdir(name):
+        return
+    if os.path.isfile(name):
+        raise InputError(
+            f"{flag}: no such folder: '{name}' is a file; pass the model's diffusers folder (the one with "
+            f"{index_file}) or a Hub id"
+        )
+    if local_path_like(name) or not is_hub_id(name):
+        expanded = os.path.expanduser(name)
+        hint = (
+            f" (a quoted ~ is not expanded: write {expanded})" if expanded != name and os.path.isdir(expanded) else ""
+        )
+        raise InputError(f"{flag}: no such folder: '{name}'{hint}")
+    if is_offline_mode():
+        try:
+            cached = try_to_load_from_cache(name, index_file, revision=revision)
+        except Exception:  # a name the Hub would refuse as an id is not in its cache either
+            cached = None
+        if not isinstance(cached, str):
+            raise InputError(
+                f"{flag}: '{name}' is not a local folder and not in the Hub cache, and HF_HUB_OFFLINE=1 allows no "
+                "download: pass the model's local folder, or run once online to cache it"
+            )
+
+
+# Copied from train_inversion_dpo.check_paths
+def check_paths(args):
+    """One-line errors (exit 2) for the paths and names a user typed, before anything is written or decoded: the
+    models, the dataset, the checkpoint to resume, and an --output_dir that holds a run."""
+    check_model_path(
+        "--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "model_index.json", args.revision
+    )
+    if args.pretrained_vae_model_name_or_path:
+        check_model_path("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, "config.json")
+    if local_path_like(args.dataset_name) and not os.path.exists(args.dataset_name):
+        raise InputError(f"--dataset_name: no such file or folder: '{args.dataset_name}'")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not os.path.isdir(resume):
+        raise InputError(f"--resume_from_checkpoint: no such folder: '{resume}'")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output_dir: '{args.output_dir}' is a file; pass a folder (it is created if missing)")
+    found = previous_run(args)
+    if found and not (resume or args.overwrite_output_dir or args.inversion_cache_only):
+        raise InputError(
+            f"--output_dir '{args.output_dir}' holds a run ({', '.join(found)}): continue it with "
+            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Preference pairs: loading, checking every row once, the winner first, shared augmentation
 
@@ -469,9 +607,14 @@ class DataError(InputError):
 
 
 # Copied from train_inversion_dpo.first_line
-def first_line(error: Exception, limit: int = 200) -> str:
-    """An exception's message cut to its first line, for one-line errors."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+def first_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message cut to its first line, for one-line errors; a line over ``limit`` characters is cut at
+    a space, never inside a word or a path, and ends in an ellipsis."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0].strip()
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit)
+    return (line[:cut] if cut > 0 else line).rstrip(" ,;:") + " ..."
 
 
 # Copied from train_inversion_dpo.LOCAL_FORMATS
@@ -918,7 +1061,7 @@ def load_pairs(args, accelerator):
         raise error
     counts = check.counts()
     if accelerator.is_main_process:
-        with open(os.path.join(args.logging_dir, "bad_rows.jsonl"), "w") as f:
+        with open(os.path.join(args.logging_dir, BAD_ROWS_FILE), "w") as f:
             for row, reason, message in check.bad:
                 f.write(json.dumps({"row": row, "reason": reason, "message": message}) + "\n")
         for row, _, message in check.bad[:5]:
@@ -1643,11 +1786,14 @@ def with_winner_sft(
         terms.append(("sft", cfg.sft_weight, _sft_rows(z0, cond, null_cond, cfg)))
     if cfg.anchor_weight:
         terms.append(("anchor", cfg.anchor_weight, _anchor_rows(reference, z0, cond, null_cond, cfg)))
-    if not terms:
-        return objective()
-    losses = _winner_losses(policy, [rows for _, _, rows in terms], cfg)
+    losses = _winner_losses(policy, [rows for _, _, rows in terms], cfg) if terms else []
     out = objective()
-    logs = {**out.logs, **{name: loss.detach().mean() for (name, _, _), loss in zip(terms, losses)}}
+    logs = dict(out.logs)
+    if out.margin is not None:  # a pair objective: its own loss, logged beside the unweighted sft and anchor terms
+        logs["preference_loss"] = out.loss.detach().mean()
+    if not terms:
+        return replace(out, logs=logs)
+    logs.update({name: loss.detach().mean() for (name, _, _), loss in zip(terms, losses)})
     term = sum(weight * loss for (_, weight, _), loss in zip(terms, losses))
     if out.grad_chunks is None:
         return ObjectiveOutput(out.loss + term, out.margin, logs)
@@ -2253,9 +2399,9 @@ def build_inversion_cache(
             cache.write_key()
         total = bytes_per_pair * cache.num_pairs
         logger.info(
-            f"inversion cache {cache.folder}: {cache.num_pairs} pairs x {len(cache.flips)} flips x "
-            f"{len(cache.steps)} steps, {_size(total)} at most on disk; "
-            + (f"building {len(missing)} of {cache.num_shards} shards" if missing else "complete, reused")
+            f"inversion cache {cache.folder}: {plural(cache.num_pairs, 'pair')} x {plural(len(cache.flips), 'flip')} "
+            f"x {plural(len(cache.steps), 'step')}, {_size(total)} at most on disk; "
+            + (f"building {len(missing)} of {plural(cache.num_shards, 'shard')}" if missing else "complete, reused")
         )
     accelerator.wait_for_everyone()
     mine = [s for s in missing if s % accelerator.num_processes == accelerator.process_index]
@@ -2376,6 +2522,22 @@ TRAINING_STATE_FILE = "training_state.json"
 
 # Copied from train_inversion_dpo.LORA_FILE
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+# Copied from train_inversion_dpo.CARD_FILE
+CARD_FILE = "README.md"
+
+
+# Copied from train_inversion_dpo.METRICS_FILE
+METRICS_FILE = "metrics.jsonl"
+
+
+# Copied from train_inversion_dpo.BAD_ROWS_FILE
+BAD_ROWS_FILE = "bad_rows.jsonl"
+
+
+# Copied from train_inversion_dpo.TRACKER_PROJECT
+TRACKER_PROJECT = "inversion-dpo"
 
 
 # Copied from train_inversion_dpo.random_states_file
@@ -2505,10 +2667,21 @@ def load_lora_into_adapter(unet, folder):
     unet_state = convert_unet_state_dict_to_peft(
         {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
     )
+    # checked before loading, in words: torch's own error for a shape lists every mismatch after a bare first line
+    here = get_peft_model_state_dict(unet)
+    for key, value in unet_state.items():
+        if key in here and here[key].shape != value.shape:
+            raise ValueError(
+                f"the LoRA's {key} is {' x '.join(map(str, value.shape))}, this run's "
+                f"{' x '.join(map(str, here[key].shape))}: another --rank or model"
+            )
     result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA in '{folder}' does not fit this UNet: unexpected keys such as {unexpected[0]}")
+        raise ValueError(f"the LoRA has {unexpected[0]}, which this run's adapter lacks: other --lora_target_modules?")
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and ".default." in k]
+    if missing:  # a LoRA on fewer modules would leave the others as they were
+        raise ValueError(f"the LoRA lacks {missing[0].replace('.default.', '.')}: other --lora_target_modules?")
 
 
 # Copied from train_inversion_dpo.register_lora_hooks
@@ -2566,32 +2739,150 @@ def write_training_state(folder, accelerator, unet, optimizer, lr_scheduler, ste
     save_tree(os.path.join(folder, random_states_file(accelerator.process_index)), random_states())
 
 
-# Copied from train_inversion_dpo.read_training_state
-def read_training_state(folder, accelerator, unet, optimizer, lr_scheduler) -> int:
-    """Loads what ``write_training_state`` wrote; returns the step. Nothing is unpickled."""
+# Copied from train_inversion_dpo.CheckpointError
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read, or whose state does not fit this run; one line naming the folder."""
+
+
+# Copied from train_inversion_dpo.checkpoint_problem
+def checkpoint_problem(folder: str, process_index: int = 0) -> Optional[str]:
+    """What makes ``folder`` unreadable as a checkpoint (a missing, truncated or unparsable file), found without
+    loading anything into the run; None when every file reads. Whether its state fits this run shows at the load."""
     missing = [
         f for f in (LORA_FILE, OPTIMIZER_FILE, TRAINING_STATE_FILE) if not os.path.isfile(os.path.join(folder, f))
     ]
     if missing:
         pickled = [f for f in sorted(os.listdir(folder)) if f.endswith((".bin", ".pkl", ".pt"))]
-        raise DataError(
-            f"checkpoint '{folder}' has no {missing[0]}"
-            + (f"; it holds pickles ({', '.join(pickled)}), which this trainer does not load" if pickled else "")
+        return f"has no {missing[0]}" + (
+            f"; it holds pickles ({', '.join(pickled)}), which this trainer does not load" if pickled else ""
         )
-    load_lora_into_adapter(accelerator.unwrap_model(unet), folder)
-    optimizer.load_state_dict(load_tree(os.path.join(folder, OPTIMIZER_FILE)))
-    with open(os.path.join(folder, TRAINING_STATE_FILE)) as f:
-        state = json.load(f)
-    lr_scheduler.load_state_dict(decode_tree(state["scheduler"], {}))
-    if state["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(decode_tree(state["scaler"], {}))
-    accelerator.step = state["accelerator_step"]
-    rng_file = os.path.join(folder, random_states_file(accelerator.process_index))
-    if os.path.isfile(rng_file):
-        set_random_states(load_tree(rng_file))
-    else:
-        logger.warning(f"{rng_file} missing (more processes than the run that wrote it?): random streams start anew")
+    try:
+        with open(os.path.join(folder, TRAINING_STATE_FILE)) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step in it")
+        missing = [k for k in ("accelerator_step", "scheduler", "scaler") if k not in state]
+        if missing:
+            raise KeyError(missing[0])
+    except (OSError, ValueError, TypeError, KeyError) as e:  # json's decode error is a ValueError
+        return f"has an unreadable {TRAINING_STATE_FILE} ({type(e).__name__}: {first_line(e)})"
+    for name in (LORA_FILE, OPTIMIZER_FILE, random_states_file(process_index)):
+        path = os.path.join(folder, name)
+        if name.startswith("random_states") and not os.path.isfile(path):
+            continue  # a run on more processes than the one that wrote it: read_training_state warns
+        try:
+            if name == LORA_FILE:
+                load_file(path)
+            else:
+                load_tree(path)
+        except Exception as e:  # safetensors' own error for a truncated file, json's or KeyError for the tree
+            return (
+                f"has an unreadable {name}, truncated or not written by this trainer "
+                f"({type(e).__name__}: {first_line(e)})"
+            )
+    return None
+
+
+# Copied from train_inversion_dpo.read_training_state
+def read_training_state(folder, accelerator, unet, optimizer, lr_scheduler) -> int:
+    """Loads what ``write_training_state`` wrote; returns the step. Nothing is unpickled. A CheckpointError when a
+    file cannot be read or the state does not fit this run (another model's LoRA, another rank or targets)."""
+    problem = checkpoint_problem(folder, accelerator.process_index)
+    if problem:
+        raise CheckpointError(f"checkpoint '{folder}' {problem}")
+    try:
+        load_lora_into_adapter(accelerator.unwrap_model(unet), folder)
+        optimizer.load_state_dict(load_tree(os.path.join(folder, OPTIMIZER_FILE)))
+        with open(os.path.join(folder, TRAINING_STATE_FILE)) as f:
+            state = json.load(f)
+        lr_scheduler.load_state_dict(decode_tree(state["scheduler"], {}))
+        if state["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(decode_tree(state["scaler"], {}))
+        accelerator.step = state["accelerator_step"]
+        rng_file = os.path.join(folder, random_states_file(accelerator.process_index))
+        if os.path.isfile(rng_file):
+            set_random_states(load_tree(rng_file))
+        else:
+            logger.warning(
+                f"{rng_file} missing (more processes than the run that wrote it?): random streams start anew"
+            )
+    except Exception as e:  # what was loaded before the failure is overwritten by the checkpoint loaded instead
+        raise CheckpointError(
+            f"checkpoint '{folder}' does not fit this run ({type(e).__name__}: {first_line(e)})"
+        ) from None
     return int(state["step"])
+
+
+# Copied from train_inversion_dpo.load_checkpoint
+def load_checkpoint(folder, accelerator, training_state) -> int:
+    """Loads a checkpoint into the run (ours, or DeepSpeed's and FSDP's through accelerate); returns its step."""
+    if not engine_checkpoints(accelerator):
+        return read_training_state(folder, accelerator, *training_state)
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(folder)))
+    if match is None:
+        raise CheckpointError(f"checkpoint '{folder}' is not named checkpoint-<step>, which says its step")
+    try:
+        accelerator.load_state(folder)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{folder}' cannot be read ({type(e).__name__}: {first_line(e)})") from None
+    return int(match.group(1))
+
+
+# Copied from train_inversion_dpo.previous_complete_checkpoint
+def previous_complete_checkpoint(folder: str) -> Optional[str]:
+    """The last checkpoint-N beside ``folder`` with a smaller step whose files all read (``checkpoint_problem``)."""
+    parent, name = os.path.split(os.path.normpath(folder))
+    match = CHECKPOINT_RE.match(name)
+    if match is None:
+        return None
+    for other in reversed(list_checkpoints(parent or ".")):
+        if int(CHECKPOINT_RE.match(other).group(1)) < int(match.group(1)):
+            if checkpoint_problem(os.path.join(parent, other)) is None:
+                return os.path.join(parent, other)
+    return None
+
+
+# Copied from train_inversion_dpo.resume_run
+def resume_run(args, accelerator, training_state) -> Tuple[Optional[str], int]:
+    """Loads the checkpoint --resume_from_checkpoint names; returns ``(folder, step)``, or ``(None, 0)`` to start
+    anew. With ``latest`` an unreadable checkpoint is skipped, with a warning, for the one before it; a folder named
+    explicitly that cannot be read is a one-line error naming the last complete checkpoint before it."""
+    resume = args.resume_from_checkpoint
+    if resume is None:
+        return None, 0
+    if resume == "latest":
+        folders = [os.path.join(args.output_dir, d) for d in reversed(list_checkpoints(args.output_dir))]
+        if not folders:
+            logger.warning(f"no checkpoint in {args.output_dir}: starting a new run")
+            return None, 0
+    else:
+        folders = [resume]
+    problem = None
+    for i, folder in enumerate(folders):
+        problem, step = None, 0
+        try:
+            step = load_checkpoint(folder, accelerator, training_state)
+        except CheckpointError as e:
+            problem = str(e)
+        if not any_process(accelerator, problem is not None):  # every process loads the same one, or none does
+            return folder, step
+        problem = problem or f"checkpoint '{folder}' cannot be read by another process"
+        if resume != "latest":
+            previous = previous_complete_checkpoint(folder)
+            raise CheckpointError(
+                problem
+                + (
+                    f"; the last complete checkpoint before it is '{previous}': pass that to --resume_from_checkpoint"
+                    if previous
+                    else "; no complete checkpoint precedes it"
+                )
+            )
+        if i + 1 < len(folders) and accelerator.is_main_process:
+            logger.warning(f"{problem}: skipped for {os.path.basename(folders[i + 1])}")
+    raise CheckpointError(
+        f"no checkpoint of '{args.output_dir}' can be read, down to the earliest: {problem}; start over with "
+        "--overwrite_output_dir"
+    )
 
 
 # Copied from train_inversion_dpo.save_checkpoint
@@ -2635,19 +2926,50 @@ def remove_partial_checkpoints(output_dir):
             logger.warning(f"removed {name}, a checkpoint whose save was interrupted")
 
 
-# Copied from train_inversion_dpo.resolve_resume
-def resolve_resume(resume_from_checkpoint, output_dir) -> Optional[str]:
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
-            logger.warning(f"no checkpoint in {output_dir}: starting a new run")
-            return None
-        return os.path.join(output_dir, found[-1])
-    if not os.path.isdir(resume_from_checkpoint):
-        raise InputError(f"checkpoint '{resume_from_checkpoint}' does not exist")
-    return resume_from_checkpoint
+# Copied from train_inversion_dpo.previous_run
+def previous_run(args) -> List[str]:
+    """What ``--output_dir`` holds of a run (its last checkpoint, its metrics log, its adapter), relative to it."""
+    found = list_checkpoints(args.output_dir)[-1:]
+    for path in (os.path.join(args.logging_dir, METRICS_FILE), os.path.join(args.output_dir, LORA_FILE)):
+        if os.path.isfile(path):
+            found.append(os.path.relpath(path, args.output_dir))
+    return found
+
+
+# Copied from train_inversion_dpo.remove_previous_run
+def remove_previous_run(args) -> List[str]:
+    """--overwrite_output_dir: removes what a run wrote into --output_dir (checkpoints, logs, the adapter and its
+    card, the samples and validation images) and nothing else; returns what it removed, relative to the folder."""
+    out, removed = args.output_dir, []
+
+    def remove(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            return
+        removed.append(os.path.relpath(path, out))
+
+    if not os.path.isdir(out):
+        return removed
+    for name in sorted(os.listdir(out)):
+        if CHECKPOINT_RE.match(name) or name.startswith(PARTIAL_PREFIX):
+            remove(os.path.join(out, name))
+    for name in (LORA_FILE, CARD_FILE, GRID_FILE):
+        remove(os.path.join(out, name))
+    for name in (METRICS_FILE, BAD_ROWS_FILE, TRACKER_PROJECT):
+        remove(os.path.join(args.logging_dir, name))
+    images = {SAMPLES_DIR: r"\d+\.png", VALIDATION_DIR: r"(validation|final)-\d+\.png"}
+    for folder, pattern in images.items():
+        path = os.path.join(out, folder)
+        for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+            if re.fullmatch(pattern, name):
+                remove(os.path.join(path, name))
+    for folder in (os.path.join(out, SAMPLES_DIR), os.path.join(out, VALIDATION_DIR), args.logging_dir):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2686,7 +3008,7 @@ def run_validation(pipeline, prompts, args, accelerator, step, tag="validation")
                     generator=generator,
                 ).images[0]
             )
-    folder = os.path.join(args.output_dir, "validation")
+    folder = os.path.join(args.output_dir, VALIDATION_DIR)
     os.makedirs(folder, exist_ok=True)
     grid = image_grid(images)
     grid.save(os.path.join(folder, f"{tag}-{step:06d}.png"))
@@ -2700,8 +3022,28 @@ def run_validation(pipeline, prompts, args, accelerator, step, tag="validation")
     return images
 
 
+# Copied from train_inversion_dpo.validate
+def validate(args, accelerator, text, vae, unet, noise_scheduler, step, tag="validation"):
+    """``run_validation`` on a pipeline around the training UNet. The VAE and the text encoders that a run from the
+    cache keeps on the CPU come to the UNet's device for the samples and go back after."""
+    device = accelerator.device
+    borrowed = [m for m in (vae, *text.encoders) if m.device != device]
+    for module in borrowed:
+        module.to(device)
+    try:
+        pipeline = make_pipeline(text, vae, unet, noise_scheduler)
+        return run_validation(pipeline, args.validation_prompts, args, accelerator, step, tag=tag)
+    finally:
+        for module in borrowed:
+            module.to("cpu")
+
+
 # Copied from train_inversion_dpo.SAMPLES_DIR
 SAMPLES_DIR = "samples"
+
+
+# Copied from train_inversion_dpo.VALIDATION_DIR
+VALIDATION_DIR = "validation"  # every validation's grid, <tag>-<step>.png
 
 
 # Copied from train_inversion_dpo.GRID_FILE
@@ -2710,13 +3052,31 @@ GRID_FILE = "validation.png"
 
 # what --push_to_hub uploads, and nothing else (no checkpoint, log or validation history)
 # Copied from train_inversion_dpo.UPLOADED
-UPLOADED = [LORA_FILE, "README.md", GRID_FILE, f"{SAMPLES_DIR}/*.png"]
+UPLOADED = [LORA_FILE, CARD_FILE, GRID_FILE, f"{SAMPLES_DIR}/*.png"]
 
 
 # Copied from train_inversion_dpo.is_hub_id
 def is_hub_id(name: str) -> bool:
     """A Hub repository id (``owner/name``) rather than a local path: only those belong in card metadata."""
     return not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+# Copied from train_inversion_dpo.hub_id_of
+def hub_id_of(name: Optional[str], kind: str = "models") -> Optional[str]:
+    """The Hub id that a model or dataset name stands for: the name itself when it is one, or the repository of a
+    Hub cache folder (``.../models--owner--name/snapshots/<commit>/...``); None for any other local path."""
+    if not name:
+        return None
+    if is_hub_id(name):
+        return name
+    found = re.search(rf"(?:^|/){kind}--([^/]+?)--([^/]+)/snapshots/", os.path.abspath(name).replace(os.sep, "/"))
+    return f"{found.group(1)}/{found.group(2)}" if found else None
+
+
+# Copied from train_inversion_dpo.display_name
+def display_name(name: str, kind: str = "models") -> str:
+    """How the card names a model or dataset: its Hub id, else its folder's or file's name (never a local path)."""
+    return hub_id_of(name, kind) or os.path.basename(os.path.normpath(name))
 
 
 # Copied from train_inversion_dpo.base_model_license
@@ -2735,6 +3095,20 @@ def base_model_license(model: str) -> Optional[str]:
         return None
 
 
+# Copied from train_inversion_dpo.default_validation_prompts
+def default_validation_prompts(pairs, num_prompts: int) -> List[str]:
+    """The first ``num_prompts`` distinct captions of the checked pairs: without --validation_prompts, the samples
+    of the validations and of the model card show prompts of the data's own kind."""
+    prompts = []
+    for row in pairs.dataset.select_columns([pairs.columns.caption]):
+        caption = parse_caption(row[pairs.columns.caption])
+        if caption not in prompts:
+            prompts.append(caption)
+            if len(prompts) == num_prompts:
+                break
+    return prompts
+
+
 # Copied from train_inversion_dpo.save_samples
 def save_samples(images, prompts, folder) -> List[tuple]:
     """The final validation's images as ``samples/<i>.png`` plus their grid; returns (prompt, file) pairs."""
@@ -2748,16 +3122,109 @@ def save_samples(images, prompts, folder) -> List[tuple]:
     return samples
 
 
+# Copied from train_inversion_dpo.CARD_METRICS_WINDOW
+CARD_METRICS_WINDOW = 50  # the card's headline metrics are means over the last this many steps
+
+
+# Copied from train_inversion_dpo.headline_metrics
+def headline_metrics(records: List[dict], window: int = CARD_METRICS_WINDOW) -> dict:
+    """Means of the last ``window`` steps' loss, preference loss, accuracy and margin in ``records`` (metrics.jsonl's
+    rows; the last row of a step logged twice wins), and ``steps``, how many steps they are over."""
+    by_step = {r["step"]: r for r in records if "loss" in r}
+    last = [by_step[step] for step in sorted(by_step)][-window:]
+    means = {"steps": len(last)}
+    for key in ("loss", "preference_loss", "accuracy", "margin"):
+        values = [r[key] for r in last if key in r]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
+
+
+# Copied from train_inversion_dpo.adapter_repo_id
+def adapter_repo_id(args, pushed: Optional[str] = None) -> str:
+    """The adapter's Hub id for the card's snippet: the one a push created, --hub_model_id when it names an owner,
+    else a placeholder owner and --hub_model_id or the output folder's name (what a push would create)."""
+    if pushed:
+        return pushed
+    if args.hub_model_id and "/" in args.hub_model_id:
+        return args.hub_model_id
+    return f"<your-username>/{args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))}"
+
+
+# Copied from train_inversion_dpo.usage_snippet
+def usage_snippet(args, repo_id: str, prompt: str) -> str:
+    """Python that loads the base model (and the VAE trained with) from the Hub in fp16 on a GPU, then the adapter."""
+    base_id = hub_id_of(args.pretrained_model_name_or_path)
+    lines, kwargs = ["import torch"], ""
+    if args.revision and base_id:
+        kwargs += f", revision={json.dumps(args.revision)}"
+    if args.variant:
+        kwargs += f", variant={json.dumps(args.variant)}"
+    vae = args.pretrained_vae_model_name_or_path
+    if vae:
+        lines += ["from diffusers import AutoencoderKL, DiffusionPipeline", ""]
+        vae_id = hub_id_of(vae)
+        vae_name = json.dumps(vae_id or f"path/to/{display_name(vae)}")
+        note = "" if vae_id else f"  # trained with the local VAE folder '{display_name(vae)}': its path here"
+        lines.append(f"vae = AutoencoderKL.from_pretrained({vae_name}, torch_dtype=torch.float16){note}")
+        kwargs = ", vae=vae" + kwargs
+    else:
+        lines += ["from diffusers import DiffusionPipeline", ""]
+    if base_id:
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{base_id}"{kwargs}, torch_dtype=torch.float16)')
+    else:
+        name = display_name(args.pretrained_model_name_or_path)
+        lines.append(f"# trained on the local model folder '{name}': put its path (or its Hub id) here")
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("path/to/{name}"{kwargs}, torch_dtype=torch.float16)')
+    lines += [
+        'pipe = pipe.to("cuda")',
+        f'pipe.load_lora_weights("{repo_id}")',
+        f"image = pipe({json.dumps(prompt, ensure_ascii=False)}).images[0]",
+        'image.save("sample.png")',
+    ]
+    return "\n".join(lines)
+
+
+# Copied from train_inversion_dpo.metrics_table
+def metrics_table(num_pairs: int, global_step: int, means: dict) -> str:
+    """The card's headline numbers: pairs, steps, and the last steps' mean loss, preference accuracy and margin."""
+    columns = [("pairs", f"{num_pairs}"), ("optimizer steps", f"{global_step}")]
+    if "loss" in means:
+        columns.append(("loss", f"{means['loss']:.4f}"))
+    if "preference_loss" in means and abs(means["preference_loss"] - means["loss"]) > 1e-9:
+        columns.append(("preference loss", f"{means['preference_loss']:.4f}"))
+    if "accuracy" in means:
+        columns.append(("preference accuracy", f"{means['accuracy']:.1%}"))
+    if "margin" in means:
+        columns.append(("margin", f"{means['margin']:.3g}"))
+    table = "| " + " | ".join(c for c, _ in columns) + " |\n|" + "---:|" * len(columns) + "\n"
+    table += "| " + " | ".join(v for _, v in columns) + " |\n"
+    if means.get("steps"):
+        table += f"\nLoss{', accuracy and margin' if 'accuracy' in means else ''}: means over the last "
+        table += f"{plural(means['steps'], 'step')}"
+        if "accuracy" in means:
+            table += (
+                ". Preference accuracy is the share of pairs whose winner the adapter favours more than the base "
+                "model does (a negative margin); the preference loss starts at log 2 = 0.693 with the sigmoid link"
+            )
+        table += ".\n"
+    return table
+
+
 # Copied from train_inversion_dpo.write_model_card
-def write_model_card(args, folder, architecture: str, num_pairs: int, global_step: int, samples=()):
+def write_model_card(
+    args, folder, architecture: str, num_pairs: int, global_step: int, samples=(), metrics=None, repo_id=None
+):
     """README.md as a huggingface_hub ModelCard: metadata the Hub validates (base_model, license, datasets, tags,
-    pipeline_tag, library_name, a widget of the final samples) and a body saying how it was trained."""
+    pipeline_tag, library_name, a widget of the final samples) and a body saying how it was trained, its headline
+    metrics (``metrics``: ``headline_metrics``) and how to use it (``repo_id``: the Hub id of a push)."""
     base = args.pretrained_model_name_or_path
+    base_id, dataset_id = hub_id_of(base), hub_id_of(args.dataset_name, "datasets")
     license_ = args.license or base_model_license(base) or "other"
     data = ModelCardData(
-        base_model=base if is_hub_id(base) else None,
+        base_model=base_id,
         license=license_,
-        datasets=[args.dataset_name] if is_hub_id(args.dataset_name) else None,
+        datasets=[dataset_id] if dataset_id else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=["diffusers", "lora", "text-to-image", "inversion-dpo", architecture],
@@ -2789,39 +3256,51 @@ def write_model_card(args, folder, architecture: str, num_pairs: int, global_ste
             f"{args.validation_num_inference_steps} steps, guidance {args.validation_guidance_scale:g}):\n\n"
             + "\n".join(f"- `{prompt}`\n\n  ![{prompt}](./{name})\n" for prompt, name in samples)
         )
+    base_name = display_name(base)
+    prompt = samples[0][0] if samples else (args.validation_prompts or ["a photo of a cat"])[0]
+    summary = (
+        f"A LoRA adapter (rank {args.rank}) of `{base_name}`, trained with `{objective}` ({settings}) on "
+        f"{plural(num_pairs, 'preference pair')} from `{display_name(args.dataset_name, 'datasets')}` for "
+        f"{plural(global_step, 'optimizer step')} (batch {args.train_batch_size} x accumulation "
+        f"{args.gradient_accumulation_steps}, learning rate {args.learning_rate:g}, resolution {args.resolution})."
+    )
     content = f"""---
 {data.to_yaml()}
 ---
 
-# Inversion-DPO LoRA for {base}
+# Inversion-DPO LoRA for {base_name}
 
-A LoRA adapter (rank {args.rank}) trained with `{objective}` ({settings}) on {num_pairs} preference pairs from
-`{args.dataset_name}` for {global_step} optimizer steps (batch {args.train_batch_size} x accumulation
-{args.gradient_accumulation_steps}, learning rate {args.learning_rate:g}, resolution {args.resolution}).
-{sample_lines}
+{summary}
+
+## Training
+
+{metrics_table(num_pairs, global_step, metrics or {})}{sample_lines}
 ## Use
 
 ```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base}")
-pipe.load_lora_weights("{args.hub_model_id or args.output_dir}")
-image = pipe("a prompt").images[0]
+{usage_snippet(args, repo_id or adapter_repo_id(args), prompt)}
 ```
 """
     card = ModelCard(content)  # parses the metadata back: a card that does not round-trip fails here, not on the Hub
-    card.save(os.path.join(folder, "README.md"))
+    card.save(os.path.join(folder, CARD_FILE))
     return card
 
 
 # Copied from train_inversion_dpo.push_folder_to_hub
 def push_folder_to_hub(args, folder):
-    """Uploads the adapter, the card and the samples (``UPLOADED``); the Hub validates the card's metadata first."""
-    if not is_hub_id(args.pretrained_model_name_or_path):
+    """Uploads the adapter, the card and the samples (``UPLOADED``); the Hub validates the card's metadata first. The
+    card's snippet gets the id of the repository created (the owner a bare --hub_model_id lacked) before the upload."""
+    if not hub_id_of(args.pretrained_model_name_or_path):
         logger.warning("the base model is a local path: the card names no base_model")
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(args.hub_model_id or os.path.basename(os.path.abspath(folder)), exist_ok=True).repo_id
+    card_path = os.path.join(folder, CARD_FILE)
+    if os.path.isfile(card_path):
+        with open(card_path, encoding="utf-8") as f:
+            text = f.read()
+        # the snippet's one load_lora_weights call, which write_model_card wrote
+        text = re.sub(r'load_lora_weights\("[^"\n]*"\)', lambda _: f'load_lora_weights("{repo_id}")', text)
+        ModelCard(text).save(card_path)
     api.upload_folder(
         repo_id=repo_id, folder_path=folder, commit_message="Inversion-DPO LoRA", allow_patterns=UPLOADED
     )
@@ -2855,7 +3334,17 @@ def make_accelerator(args):
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            removed = remove_previous_run(args)
+            named = [r for r in removed if os.path.dirname(r) not in (SAMPLES_DIR, VALIDATION_DIR)]
+            images = len(removed) - len(named)
+            if removed:
+                logger.warning(
+                    f"--overwrite_output_dir: removed the previous run's {', '.join(named)}"
+                    + (f" and {plural(images, 'image')} of {SAMPLES_DIR}/ and {VALIDATION_DIR}/" if images else "")
+                )
         os.makedirs(args.logging_dir, exist_ok=True)
+    accelerator.wait_for_everyone()  # no process writes into the folder before it is cleared
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -2886,6 +3375,35 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def records(self) -> List[dict]:
+        """The rows written so far; a line cut short by a kill mid-write is left out."""
+        if not os.path.isfile(self.path):
+            return []
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+        return [r for r in rows if isinstance(r, dict)]
+
+    def drop_after(self, step: int):
+        """On resume from ``step``: drops the rows of later steps (what the interrupted run logged after its last
+        checkpoint, which this run logs again), so that each step appears once."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        rows = self.records()
+        kept = [r for r in rows if r.get("step", 0) <= step]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+
+        _atomic_write(self.path, write)
+        if len(kept) < len(rows):
+            logger.info(f"{self.path}: dropped {plural(len(rows) - len(kept), 'row')} of steps after {step}")
 
 
 # Copied from train_inversion_dpo.plural
@@ -2965,12 +3483,17 @@ def non_finite(step, what, value, output_dir) -> TrainingError:
 
 # Copied from train_inversion_dpo.main
 def main(args):
-    # 1. Accelerator, logging, seeds
+    # 1. The paths given (models, data, checkpoint, output folder) checked at once; accelerator, logging, seeds
+    check_paths(args)
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
 
-    # 2. Preference pairs: every row checked once, before the models load, so that bad data fails fast
+    # 2. Preference pairs: every row checked once, before the models load, so that bad data fails fast. Without
+    #    --validation_prompts, the first captions are the validation prompts
     pairs, data_counts = load_pairs(args, accelerator)
+    if args.validation_prompts is None and args.num_validation_prompts:
+        args.validation_prompts = default_validation_prompts(pairs, args.num_validation_prompts)
+        logger.info(f"validation prompts, from the data: {args.validation_prompts}")
 
     # 3. Models: frozen VAE and text encoders, the UNet with a LoRA adapter. The reference model is the same UNet
     #    with its adapter off, so no second copy of it is ever held.
@@ -2988,9 +3511,8 @@ def main(args):
         if args.inversion_cache_only:
             accelerator.end_training()
             return {"cache": pairs.cache.folder}
-        if not args.validation_prompts:  # nothing will run them again: give their memory back to the UNet
-            for frozen in (vae, *text.encoders):
-                frozen.to("cpu")
+        for frozen in (vae, *text.encoders):  # their memory back to the UNet; a validation borrows them back
+            frozen.to("cpu")
     dataloader = torch.utils.data.DataLoader(
         pairs,
         batch_size=args.train_batch_size,
@@ -3027,18 +3549,17 @@ def main(args):
     policy, reference = make_denoisers(accelerator, unet, weight_dtype, noise_scheduler, counter)
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("inversion-dpo", config=config)
+        accelerator.init_trackers(TRACKER_PROJECT, config=config)
 
-    # 6. Resume: the same adapter, optimizer, schedule, random streams, step count and data order continue
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    # 6. Resume: the same adapter, optimizer, schedule, random streams, step count and data order continue; the
+    #    metrics the interrupted run logged after that checkpoint are dropped (this run logs those steps again)
+    first_epoch, skip_batches = 0, 0
     if accelerator.is_main_process:
         remove_partial_checkpoints(args.output_dir)
-    resume_path = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    if resume_path and engine_checkpoints(accelerator):
-        accelerator.load_state(resume_path)
-        global_step = int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path))).group(1))
-    elif resume_path:
-        global_step = read_training_state(resume_path, accelerator, *training_state)
+    resume_path, global_step = resume_run(args, accelerator, training_state)
+    metrics_log = MetricsLog(os.path.join(args.logging_dir, METRICS_FILE), accelerator.is_main_process)
+    if args.resume_from_checkpoint:
+        metrics_log.drop_after(global_step)
     if resume_path:
         first_epoch = global_step // steps_per_epoch
         skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -3050,7 +3571,6 @@ def main(args):
     )
 
     # 7. The loop
-    metrics_log = MetricsLog(os.path.join(args.logging_dir, "metrics.jsonl"), accelerator.is_main_process)
     progress = tqdm(
         range(args.max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
@@ -3158,8 +3678,7 @@ def main(args):
                 and global_step < args.max_train_steps
                 and accelerator.is_main_process
             ):
-                pipeline = make_pipeline(text, vae, accelerator.unwrap_model(unet), noise_scheduler)
-                run_validation(pipeline, args.validation_prompts, args, accelerator, global_step)
+                validate(args, accelerator, text, vae, accelerator.unwrap_model(unet), noise_scheduler, global_step)
             if global_step < args.max_train_steps and any_process(accelerator, stop.name is not None):
                 interrupted = stop.name or "a signal to another process"
                 break
@@ -3192,10 +3711,10 @@ def main(args):
         PIPELINE_CLASS.save_lora_weights(args.output_dir, unet_lora_layers=lora_state_dict_of(final_unet))
         samples = []
         if args.validation_prompts:
-            pipeline = make_pipeline(text, vae, final_unet, noise_scheduler)
-            images = run_validation(pipeline, args.validation_prompts, args, accelerator, global_step, tag="final")
+            images = validate(args, accelerator, text, vae, final_unet, noise_scheduler, global_step, tag="final")
             samples = save_samples(images, args.validation_prompts, args.output_dir)
-        write_model_card(args, args.output_dir, ARCHITECTURE, len(pairs), global_step, samples)
+        means = headline_metrics(metrics_log.records())
+        write_model_card(args, args.output_dir, ARCHITECTURE, len(pairs), global_step, samples, means)
         summary = {"final": True, "step": global_step, **data_counts}
         metrics_log.write(summary)
         logger.info(f"saved the LoRA adapter to {args.output_dir}: {summary}")

@@ -5,10 +5,13 @@ import math
 import os
 import re
 import signal
+import subprocess
 
 import pytest
 import torch
-from script_runner import QUICK, REPO, lora, metrics, run, start, steps_logged, wait_for
+from script_runner import QUICK, REPO, env, lora, metrics, run, start, steps_logged, wait_for
+
+from demo import cpu_launch_command
 
 
 pytestmark = pytest.mark.slow  # training runs through accelerate launch
@@ -48,7 +51,7 @@ OBJECTIVES = [
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: "-".join(o[1::2]))
 def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parquet, tmp_path):
     out = str(tmp_path / "out")
-    run(
+    proc = run(
         SCRIPT,
         [
             "--pretrained_model_name_or_path",
@@ -69,10 +72,13 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
         assert all(math.isfinite(r[key]) for r in rows)
     name = objective[1]
     if name != "sft":
-        assert {"margin", "accuracy"} <= set(rows[0])
+        assert {"margin", "accuracy", "preference_loss"} <= set(rows[0])
         # policy == reference at the first step: margin 0, loss log 2 (hinge: 1)
         assert rows[0]["margin"] == 0.0
         assert rows[0]["loss"] == pytest.approx(1.0 if "hinge" in objective else math.log(2), abs=1e-4)
+        assert all(r["preference_loss"] == pytest.approx(r["loss"], rel=1e-6) for r in rows)  # no winner terms
+    else:
+        assert "preference_loss" not in rows[0]
     lora_b = [v for k, v in lora(out).items() if "lora_B" in k or "lora.up" in k]
     assert lora_b, "no LoRA up-projection saved"
     moved = max(v.abs().max().item() for v in lora_b)
@@ -84,6 +90,14 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
     card = open(os.path.join(out, "README.md")).read()
     for tag in ("diffusers", "lora", "text-to-image", "inversion-dpo", f"`{name}`"):
         assert tag in card
+    # the final validation's samples: the one prompt given, else the data's first 4 distinct captions
+    from huggingface_hub import ModelCard
+
+    widget = ModelCard(card).data.widget
+    assert len(widget) == (1 if "--validation_prompts" in objective else 4)
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"{i:02d}.png" for i in range(len(widget))]
+    assert "| 6 | 2 |" in card and "means over the last 2 steps" in card
+    assert "gemm_4bit_forward" not in proc.stderr  # 8-bit Adam's bitsandbytes, imported at start-up
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +199,18 @@ def test_checkpoint_rotation_and_validation(four_steps):
     ]
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["00.png", "01.png"]
     assert "![a blue square](./samples/01.png)" in card.text
+
+
+def test_the_card_names_the_base_by_its_folder_and_shows_the_runs_numbers(four_steps, tiny_sd_dir):
+    out, _ = four_steps
+    card = open(os.path.join(out, "README.md")).read()
+    assert "# Inversion-DPO LoRA for tiny-sd\n" in card and os.path.dirname(tiny_sd_dir) not in card
+    assert "6 preference pairs from `train.parquet` for 4 optimizer steps" in card
+    assert "| 6 | 4 |" in card and "means over the last 4 steps" in card
+    # a snippet for someone who downloads the adapter: the local base is a placeholder that says so
+    assert 'DiffusionPipeline.from_pretrained("path/to/tiny-sd", torch_dtype=torch.float16)' in card
+    assert "# trained on the local model folder 'tiny-sd'" in card
+    assert 'pipe.load_lora_weights("<your-username>/out")' in card and 'pipe("a red circle")' in card
 
 
 def test_resume_continues_the_same_adapter_and_data_order(four_steps, tmp_path):
@@ -304,8 +330,26 @@ def test_hub_ids_offline_are_one_clear_line(tiny_sd_dir, tiny_pairs_parquet, tmp
         launcher="python",
         check=False,
     )
-    assert proc.returncode == 2 and "of model 'someone/sd'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # the model is checked before the data: a Hub id offline, from the Hub cache alone
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        "error: --pretrained_model_name_or_path: 'someone/sd' is not a local folder and not in the Hub cache, and "
+        "HF_HUB_OFFLINE=1 allows no download: pass the model's local folder, or run once online to cache it"
+    )
+    assert "Traceback" not in proc.stderr and "checking rows" not in proc.stderr
+
+
+def test_a_missing_model_folder_is_one_line_before_the_data_is_read(tiny_pairs_parquet, tmp_path):
+    missing = str(tmp_path / "models" / "tiny-sd")
+    proc = run(
+        SCRIPT,
+        ["--pretrained_model_name_or_path", missing, "--dataset_name", tiny_pairs_parquet, "--output_dir", tmp_path],
+        launcher="python",
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        f"error: --pretrained_model_name_or_path: no such folder: '{missing}'"
+    )
+    assert "Traceback" not in proc.stderr and "checking rows" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +357,7 @@ def test_hub_ids_offline_are_one_clear_line(tiny_sd_dir, tiny_pairs_parquet, tmp
 
 
 def by_step(output_dir):
-    """The last record of each step (a resumed run logs again the steps after its checkpoint)."""
+    """The record of each step."""
     return {r["step"]: r for r in metrics(output_dir) if "loss" in r}
 
 
@@ -329,6 +373,95 @@ def assert_same_run(straight, resumed):
 
 def checkpoints(output_dir):
     return sorted(d for d in os.listdir(output_dir) if "checkpoint" in d)
+
+
+def copy_run(four_steps, folder):
+    import shutil
+
+    out, args = four_steps
+    shutil.copytree(out, folder)
+    return str(folder), args
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_folder_holding_a_run_is_never_mixed_with_a_new_one(four_steps, tmp_path):
+    run_dir, args = copy_run(four_steps, tmp_path / "run")
+    with open(os.path.join(run_dir, "notes.txt"), "w") as f:
+        f.write("mine")
+    proc = run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 2], launcher="python", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert error_lines(proc.stderr) == [
+        f"error: --output_dir '{run_dir}' holds a run (checkpoint-4, logs/metrics.jsonl, "
+        "pytorch_lora_weights.safetensors): continue it with --resume_from_checkpoint latest, or start over with "
+        "--overwrite_output_dir"
+    ]
+    proc = run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 2, "--overwrite_output_dir"])
+    assert "--overwrite_output_dir: removed the previous run's checkpoint-3, checkpoint-4" in proc.stderr
+    # the new run alone: its steps, checkpoints, validation images and samples; the user's file stays
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2]
+    assert checkpoints(run_dir) == ["checkpoint-1", "checkpoint-2"]
+    assert os.listdir(os.path.join(run_dir, "validation")) == ["final-000002.png"]
+    assert open(os.path.join(run_dir, "notes.txt")).read() == "mine"
+
+
+def test_an_unreadable_latest_checkpoint_is_skipped_for_the_one_before(four_steps, tmp_path):
+    out, _ = four_steps
+    run_dir, args = copy_run(four_steps, tmp_path / "run")
+    broken = os.path.join(run_dir, "checkpoint-4")
+    with open(os.path.join(broken, "pytorch_lora_weights.safetensors"), "r+b") as f:
+        f.truncate(100)
+    # named: one line saying what is wrong and which checkpoint to take instead
+    proc = run(
+        SCRIPT,
+        args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", broken],
+        launcher="python",
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith(
+        f"error: checkpoint '{broken}' has an unreadable pytorch_lora_weights.safetensors, truncated or not written "
+        "by this trainer (SafetensorError: "
+    )
+    assert line.endswith(
+        f"; the last complete checkpoint before it is '{os.path.join(run_dir, 'checkpoint-3')}': pass that to "
+        "--resume_from_checkpoint"
+    )
+    # latest: skipped with a warning, the run goes on from checkpoint-3 and ends as the uninterrupted one
+    proc = run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
+    assert re.search(
+        rf"WARNING \S+: checkpoint '{re.escape(broken)}' has an unreadable pytorch_lora_weights.safetensors, .*: "
+        "skipped for checkpoint-3\n",
+        proc.stderr,
+    )
+    assert re.search(r"resumed from \S+checkpoint-3 at step 3", proc.stderr)
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
+    assert_same_run(out, run_dir)
+
+
+def test_a_run_prints_none_of_the_known_harmless_messages(tiny_sd_dir, tiny_pairs_parquet, tmp_path):
+    """bitsandbytes' missing optional kernel, transformers' PIL fallback for image processors, diffusers' empty list
+    of float32 modules, and counts of one in the plural, under the libraries' own log levels."""
+    args = ["--pretrained_model_name_or_path", tiny_sd_dir, "--dataset_name", tiny_pairs_parquet, *QUICK,
+            "--output_dir", tmp_path / "out", "--max_train_steps", 1, "--use_8bit_adam", "--train_batch_size", 6,
+            "--inversion_cache", tmp_path / "cache", "--inversion_cache_shard_size", 8]  # fmt: skip
+    e = {k: v for k, v in env().items() if not k.endswith("_VERBOSITY")}
+    proc = subprocess.run(
+        cpu_launch_command(os.path.join(REPO, SCRIPT)) + [str(a) for a in args],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 flip x" in proc.stderr and "1 epoch," in proc.stderr  # the lines that say them are there
+    for fragment in ("gemm_4bit_forward", "requires torchvision", "should be kept in float32: []"):
+        assert fragment not in proc.stderr, proc.stderr
+    assert not re.search(r"\b1 (epoch|step|pair|flip|shard|row|tie|prompt)s\b", proc.stderr), proc.stderr
 
 
 def test_checkpoints_hold_no_pickles(four_steps):
@@ -366,6 +499,7 @@ def interrupt_and_resume(four_steps, run_dir, launcher, after_steps, send):
     assert {"interrupted": stopped.group(1), "step": step, "pairs": 6}.items() <= metrics(run_dir)[-1].items()
     run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
     assert_same_run(out, run_dir)
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
     return proc
 
 
@@ -430,6 +564,8 @@ def test_kill_9_during_a_save_leaves_the_last_complete_checkpoint_latest(four_st
     assert re.search(r"resumed from \S+checkpoint-1 at step 1", resumed.stderr)
     assert checkpoints(run_dir) == ["checkpoint-3", "checkpoint-4"]
     assert_same_run(out, run_dir)
+    # step 2, logged before its checkpoint's save was killed, is logged once: by the run that resumed at step 1
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
 
 
 def test_a_non_finite_loss_stops_with_one_line_naming_the_step_and_keeps_the_last_checkpoint(

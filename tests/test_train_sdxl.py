@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from script_runner import QUICK, lora, metrics, run
 
 
@@ -73,8 +74,9 @@ def test_parser_defaults_and_vae_flag():
     assert args.pretrained_vae_model_name_or_path == "v"
 
 
-def check_run(out, objective, steps=2):
-    """The metrics, the first step's log 2, a moved adapter and the model card of a run of ``steps`` steps."""
+def check_run(out, objective, steps=2, samples=4):
+    """The metrics, the first step's log 2, a moved adapter and the model card of a run of ``steps`` steps, with
+    ``samples`` final validation samples (4: the data's first distinct captions, without --validation_prompts)."""
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -88,6 +90,8 @@ def check_run(out, objective, steps=2):
     card = open(os.path.join(out, "README.md")).read()
     for tag in ("lora", "inversion-dpo", "stable-diffusion-xl", f"`{name}`"):
         assert tag in card
+    assert len(ModelCard(card).data.widget) == samples
+    assert f"| 6 | {steps} |" in card
 
 
 OBJECTIVES = [
@@ -132,7 +136,7 @@ def inpo_runs(tiny_sdxl_dir, tiny_pairs_parquet, tmp_path_factory):
 
 @pytest.mark.slow
 def test_inpo_trains_a_lora(inpo_runs):
-    check_run(inpo_runs[0], RESUMABLE, steps=4)
+    check_run(inpo_runs[0], RESUMABLE, steps=4, samples=1)
 
 
 @pytest.mark.slow
@@ -182,6 +186,9 @@ def test_the_sft_anchor_trains_from_the_cache(tiny_sdxl_dir, tiny_pairs_parquet,
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["sft"]) and r["sft"] > 0 for r in steps)
     assert steps[0]["loss"] == pytest.approx(math.log(2) + 10 * steps[0]["sft"], rel=1e-5)
+    # the preference's own loss is logged beside the unweighted terms: the total is their weighted sum
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["preference_loss"] + 10 * r["sft"] + 10 * r["anchor"], rel=1e-5)
     # the reference anchor runs from the cache too: zero at the first step (but for rounding: the policy's rows share
     # a batch with the sft rows), then the policy has moved
     assert steps[0]["anchor"] < 1e-9 and steps[1]["anchor"] > 1e3 * max(steps[0]["anchor"], 1e-12)
