@@ -312,6 +312,8 @@ def main(args):
         pairs_path,
         "--output_dir",
         out,
+        # a rerun into the same folder trains anew; the pairs and the cache beside the run are kept
+        "--overwrite_output_dir",
         "--seed",
         str(args.seed),
         # the reference side (inversions, targets, reference errors) once per pair instead of once per visit

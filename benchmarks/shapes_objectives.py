@@ -150,7 +150,7 @@ def train(args, label, seed, pairs, run_dir, run_flags):
     cmd[cmd.index("--cpu") + 1 : cmd.index("--cpu") + 1] = ["--num_cpu_threads_per_process", str(args.threads)]
     cmd += ["--pretrained_model_name_or_path", args.model, "--dataset_name", pairs, "--output_dir", run_dir,
             "--seed", str(seed), "--resolution", "32", "--max_train_steps", str(args.max_train_steps),
-            "--checkpointing_steps", str(args.eval_every), *shlex.split(args.train_args),
+            "--checkpointing_steps", str(args.eval_every), "--num_validation_prompts", "0", *shlex.split(args.train_args),
             *run_flags]  # fmt: skip
     print(f"train {label} seed {seed}", flush=True)
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
