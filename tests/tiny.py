@@ -42,10 +42,27 @@ def _text_config(tokenizer, **extra):
     )
 
 
+def tiny_vae(sample_size: int, **extra):
+    """A two-level AutoencoderKL: images twice the latents' size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+        **extra,
+    )
+
+
 def tiny_sd_pipeline(seed: int = 0, block_out_channels: Sequence[int] = (32, 64), sample_size: int = 8):
     """A ~1 M parameter StableDiffusionPipeline. Its VAE has two levels, so images are twice the latent size:
     32x32 images give 4x16x16 latents (the UNet is convolutional: ``sample_size`` is only the default)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -63,16 +80,7 @@ def tiny_sd_pipeline(seed: int = 0, block_out_channels: Sequence[int] = (32, 64)
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -144,7 +152,6 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
     It ships an EulerDiscreteScheduler as SDXL does (with the DDIM keys of SDXL's config), and the VAE of the tiny SD
     with SDXL's scaling factor: images are twice the latent size."""
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
@@ -173,17 +180,7 @@ def tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 8):
         projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-        scaling_factor=0.13025,
-    )
+    vae = tiny_vae(sample_size, scaling_factor=0.13025)
     ddim = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
