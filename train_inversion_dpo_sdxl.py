@@ -254,7 +254,7 @@ def make_parser() -> argparse.ArgumentParser:
         default="x0",
         choices=INVERSION_TARGETS,
         help="x0 (default) and step: this project's extensions, the noise landing one step on the image or on the "
-        "trajectory's next latent (see the README); reference: the paper's figure (zero gradient at initialisation: "
+        "trajectory's next latent (see docs/method.md); reference: the paper's figure (zero gradient at initialisation: "
         "a LoRA never moves).",
     )
     g.add_argument(

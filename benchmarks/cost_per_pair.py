@@ -163,7 +163,7 @@ def main():
             0,
             "--random_flip",
             *extra,
-        ]  # fmt: skip  (flips on, as when the README's numbers were measured; no validation samples in the timings)
+        ]  # fmt: skip  (flips on, as when docs/experiments/cost-and-memory.md's numbers were measured; no validation samples in the timings)
 
     cache_root = os.path.join(args.work_dir, "caches")
 

@@ -336,7 +336,7 @@ def tune_encoder_cycle(pipe, images, render_latents, args, log):
     Why: the autoencoder is trained for reconstruction only, and its tiny encoder maps decoded images to latents
     about 10% away from the ones they were decoded from. Fine-tuning on images the model drew (every preference
     pair) then teaches the UNet those latents, whose decodings mix colours: SFT on decoded renders lowered held-out
-    accuracy 53.1% -> 31.8%, 51.0% after this phase (README, "The shapes world")."""
+    accuracy 53.1% -> 31.8%, 51.0% after this phase (docs/experiments/base-model.md)."""
     from PIL import Image
 
     import train_inversion_dpo as trainer
@@ -440,7 +440,7 @@ def main(argv=None):
         default=0.0,
         help="share of two-object scenes drawn with one object left out while the caption names both: web-like "
         "caption noise meant to leave the base neglecting objects it can draw; after 2,000 steps at 0.4 or 0.6 the "
-        "neglect hardly shows in samples at guidance 5 (README, 'The demo's result')",
+        "neglect hardly shows in samples at guidance 5 (docs/experiments/base-model.md)",
     )
     ap.add_argument(
         "--color_swap",

@@ -31,7 +31,7 @@ OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
 def random_images():
     """Noise images, landscape, portrait and square, whose crop margins are even (where torchvision's centre crop
-    rounds and transformers' floors, an odd margin moves the crop by one pixel; see the README)."""
+    rounds and transformers' floors, an odd margin moves the crop by one pixel; see docs/evaluation.md)."""
     rng = np.random.default_rng(0)
     return [
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(48, 36), (36, 61), (32, 32)]

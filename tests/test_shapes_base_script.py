@@ -144,7 +144,7 @@ def probe(model):
 
 
 def test_the_prompt_probe_shows_the_committed_base_uses_the_relation_direction():
-    """The README's account of the base: its frozen random text side keeps "left of" and "right of" apart, and its
+    """docs/experiments/base-model.md's account of the base: its frozen random text side keeps "left of" and "right of" apart, and its
     UNet reacts to that edit at a third of a colour's (its last stage's captions misstate 40 % of the relations,
     so it trusts the word less), against under a tenth for the SDXL twin, whose text encoder collapsed it."""
     changes, text = probe(os.path.join(REPO, "models", "shapes-sd-tiny"))
@@ -153,7 +153,7 @@ def test_the_prompt_probe_shows_the_committed_base_uses_the_relation_direction()
 
 
 def test_the_prompt_probe_shows_the_sdxl_twin_ignores_the_relation_direction():
-    """The README's account of the order cap, on the SDXL twin built by the old recipe: its jointly trained text
+    """docs/experiments/base-model.md's account of the order cap, on the SDXL twin built by the old recipe: its jointly trained text
     encoder maps the two directions to nearly the same states, so the UNet's prediction hardly moves."""
     changes, text = probe(SDXL_MODEL)
     assert 0 < text["direction"] < text["colour"] / 5

@@ -63,6 +63,8 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
             "--max_train_steps",
             2,
             *QUICK,
+            "--num_validation_prompts",
+            4,
             *objective,
         ],
     )
@@ -398,7 +400,16 @@ def test_a_folder_holding_a_run_is_never_mixed_with_a_new_one(four_steps, tmp_pa
         "pytorch_lora_weights.safetensors): continue it with --resume_from_checkpoint latest, or start over with "
         "--overwrite_output_dir"
     ]
-    proc = run(SCRIPT, args + ["--output_dir", run_dir, "--max_train_steps", 2, "--overwrite_output_dir"])
+    new_run = [
+        "--output_dir",
+        run_dir,
+        "--max_train_steps",
+        2,
+        "--overwrite_output_dir",
+        "--num_validation_prompts",
+        4,
+    ]
+    proc = run(SCRIPT, args + new_run)
     assert "--overwrite_output_dir: removed the previous run's checkpoint-3, checkpoint-4" in proc.stderr
     # the new run alone: its steps, checkpoints, validation images and samples; the user's file stays
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2]

@@ -113,7 +113,8 @@ def common(tiny_sdxl_dir, tiny_pairs_parquet):
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: o[1])
 def test_every_objective_trains_a_lora(objective, tiny_sdxl_dir, tiny_pairs_parquet, tmp_path):
     out = str(tmp_path / "out")
-    run(SCRIPT, common(tiny_sdxl_dir, tiny_pairs_parquet) + ["--output_dir", out, "--max_train_steps", 2, *objective])
+    flags = ["--output_dir", out, "--max_train_steps", 2, "--num_validation_prompts", 4, *objective]
+    run(SCRIPT, common(tiny_sdxl_dir, tiny_pairs_parquet) + flags)
     check_run(out, objective)
 
 
