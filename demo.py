@@ -281,6 +281,8 @@ def results_table(table) -> list:
 def main(args):
     import torch
 
+    # before diffusers loads: importing the trainer installs its filters of known-harmless library messages
+    import train_inversion_dpo  # noqa: F401
     from evaluation.plots import image_grid, save
     from shapes import sampling, world
 

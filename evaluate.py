@@ -181,6 +181,8 @@ def summarize(scores, names, scorer_names):
 
 
 def main(args):
+    # before diffusers loads: importing the trainer installs its filters of known-harmless library messages
+    import train_inversion_dpo  # noqa: F401
     from evaluation.plots import image_grid, save
     from shapes import sampling
 

@@ -28,7 +28,7 @@ def test_two_processes_train_the_adapter_of_one(tiny_sd_dir, tiny_pairs_parquet,
                                                       "--adam_epsilon", 1e4, "--max_grad_norm", 0]  # fmt: skip
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run(SCRIPT, args + ["--output_dir", one, "--train_batch_size", 2])
-    run(SCRIPT, args + ["--output_dir", two, "--train_batch_size", 1], num_processes=2)
+    run(SCRIPT, args + ["--output_dir", two, "--train_batch_size", 1], launcher="accelerate", num_processes=2)
     a, b = lora(one), lora(two)
     assert a.keys() == b.keys()
     up = [k for k in a if "lora_B" in k or "lora.up" in k]  # they start at 0: they are the update
@@ -48,7 +48,10 @@ def test_two_processes_build_the_cache_of_one(tiny_sd_dir, tiny_pairs_parquet, t
                                                       "--train_batch_size", 1]  # fmt: skip
     run(SCRIPT, args + ["--output_dir", tmp_path / "o1", "--inversion_cache", tmp_path / "one"])
     proc = run(
-        SCRIPT, args + ["--output_dir", tmp_path / "o2", "--inversion_cache", tmp_path / "two"], num_processes=2
+        SCRIPT,
+        args + ["--output_dir", tmp_path / "o2", "--inversion_cache", tmp_path / "two"],
+        launcher="accelerate",
+        num_processes=2,
     )
     # the main process (the one that logs) built shards 0 and 2; process 1 built 1 and 3
     assert "shard 2 written (2/2 of this process)" in proc.stderr and "shard 1 written" not in proc.stderr

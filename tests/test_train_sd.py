@@ -67,6 +67,7 @@ def test_every_objective_trains_a_lora(objective, tiny_sd_dir, tiny_pairs_parque
             4,
             *objective,
         ],
+        launcher="accelerate",
     )
     rows = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]

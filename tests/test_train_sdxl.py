@@ -114,7 +114,7 @@ def common(tiny_sdxl_dir, tiny_pairs_parquet):
 def test_every_objective_trains_a_lora(objective, tiny_sdxl_dir, tiny_pairs_parquet, tmp_path):
     out = str(tmp_path / "out")
     flags = ["--output_dir", out, "--max_train_steps", 2, "--num_validation_prompts", 4, *objective]
-    run(SCRIPT, common(tiny_sdxl_dir, tiny_pairs_parquet) + flags)
+    run(SCRIPT, common(tiny_sdxl_dir, tiny_pairs_parquet) + flags, launcher="accelerate")
     check_run(out, objective)
 
 
