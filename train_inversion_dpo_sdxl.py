@@ -3055,6 +3055,10 @@ GRID_FILE = "validation.png"
 UPLOADED = [LORA_FILE, CARD_FILE, GRID_FILE, f"{SAMPLES_DIR}/*.png"]
 
 
+# Copied from train_inversion_dpo.HUB_COMMIT_MESSAGE
+HUB_COMMIT_MESSAGE = "Inversion-DPO LoRA"
+
+
 # Copied from train_inversion_dpo.is_hub_id
 def is_hub_id(name: str) -> bool:
     """A Hub repository id (``owner/name``) rather than a local path: only those belong in card metadata."""
@@ -3301,9 +3305,7 @@ def push_folder_to_hub(args, folder):
         # the snippet's one load_lora_weights call, which write_model_card wrote
         text = re.sub(r'load_lora_weights\("[^"\n]*"\)', lambda _: f'load_lora_weights("{repo_id}")', text)
         ModelCard(text).save(card_path)
-    api.upload_folder(
-        repo_id=repo_id, folder_path=folder, commit_message="Inversion-DPO LoRA", allow_patterns=UPLOADED
-    )
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=HUB_COMMIT_MESSAGE, allow_patterns=UPLOADED)
     return repo_id
 
 

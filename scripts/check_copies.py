@@ -7,7 +7,8 @@ A top-level function, class or assignment (or a method) that stands right below 
     # Copied from train_inversion_dpo.encode_prompt with StableDiffusionPipeline->StableDiffusionXLPipeline
 
 must read exactly as the original named there (a top-level name, or ``Class.method``, of the file ``<module>.py``
-beside the copy), after the renames ``A->B`` (plain text replacements, applied in order). The scripts are single
+beside the copy, or ``<package>/<module>.py`` for a dotted module such as ``evaluation.scorers``), after the renames
+``A->B`` (plain text replacements, applied in order). The scripts are single
 files a user can copy out of the repository, so what they share is copied, and this check keeps the copies from
 drifting apart.
 
@@ -89,6 +90,22 @@ def _read(path: str) -> Tuple[List[str], Dict[str, ast.AST]]:
     return _parsed[path][1], _parsed[path][2]
 
 
+def module_file(copy_path: str, module: str) -> str:
+    return os.path.join(os.path.dirname(copy_path), *module.split(".")) + ".py"
+
+
+def split_target(copy_path: str, target: str) -> Tuple[str, str]:
+    """``module.name`` -> (module, name), where module is the longest dotted prefix naming a file beside the copy
+    (``evaluation.scorers.ClipScorer`` -> ``evaluation/scorers.py``); a single-file module otherwise."""
+    parts = target.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:k])
+        if os.path.isfile(module_file(copy_path, module)):
+            return module, ".".join(parts[k:])
+    module, _, name = target.partition(".")
+    return module, name
+
+
 def find_copies(path: str) -> List[Copy]:
     lines, definitions = _read(path)
     by_start = {}
@@ -104,7 +121,7 @@ def find_copies(path: str) -> List[Copy]:
             raise SystemExit(f"error: {where}: '# Copied from' must stand right above a def, class or assignment")
         node = by_start[i + 1][1]
         start, end = _span(node)
-        module, _, name = match.group(2).partition(".")
+        module, name = split_target(path, match.group(2))
         if not name:
             raise SystemExit(f"error: {where}: '# Copied from {module}' names no object (module.name)")
         copies.append(Copy(path, i, start, end, module, name, parse_renames(match.group(3), where)))
@@ -113,13 +130,14 @@ def find_copies(path: str) -> List[Copy]:
 
 def original_text(copy: Copy) -> List[str]:
     """The original's lines after the renames, re-indented to the copy's indentation."""
-    source = os.path.join(os.path.dirname(copy.path), f"{copy.module}.py")
+    source = module_file(copy.path, copy.module)
     where = f"{os.path.relpath(copy.path, REPO)}:{copy.marker_line + 1}"
+    relative = os.path.relpath(source, os.path.dirname(copy.path))
     if not os.path.isfile(source):
-        raise SystemExit(f"error: {where}: no file {copy.module}.py beside it")
+        raise SystemExit(f"error: {where}: no file {relative} beside it")
     lines, definitions = _read(source)
     if copy.name not in definitions:
-        raise SystemExit(f"error: {where}: {copy.module}.py has no top-level {copy.name}")
+        raise SystemExit(f"error: {where}: {relative} has no top-level {copy.name}")
     start, end = _span(definitions[copy.name])
     text = "".join(lines[start:end])
     for old, new in copy.renames:
