@@ -507,7 +507,8 @@ def check_paths(args):
     )
     if args.pretrained_vae_model_name_or_path:
         check_model_path("--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, "config.json")
-    if local_path_like(args.prompts) and not os.path.exists(args.prompts):
+    named_file = args.prompts.lower().endswith((".txt", *LOCAL_FORMATS))  # a Hub id has no such suffix
+    if (local_path_like(args.prompts) or named_file) and not os.path.exists(args.prompts):
         raise InputError(f"--prompts: no such file or folder: '{args.prompts}'")
     path = args.preference_model_path
     if path and local_path_like(path) and not os.path.exists(path):
@@ -829,11 +830,16 @@ class PoolStep(NamedTuple):
     """One trained step of a batch of trajectories: the pool's pair per row, its loss (with grad, through the policy)
     and whether the pair was kept."""
 
-    loss: torch.Tensor  # [B]
+    loss: torch.Tensor  # [B]; count only the kept rows (a skipped row's may be nan: a step without noise)
     kept: torch.Tensor  # [B] bool
     margin: torch.Tensor  # [B], detached
     gap: torch.Tensor  # [B] the preference gap of winner and loser
     timestep: int
+    x_t: torch.Tensor  # [B, ...] the shared latent the candidates branch from
+    candidates: torch.Tensor  # [k, B, ...] their first step, x_{t-1}^j
+    winner: torch.Tensor  # [B] candidate indices
+    loser: torch.Tensor
+    chosen: torch.Tensor  # [B] the candidate that continues
 
 
 # Copied from train_spo.guided
@@ -924,7 +930,8 @@ def spo_trajectories(
             scores = scores.to(x.device).reshape(k, B)
             winner, loser = scores.argmax(0), scores.argmin(0)
             gap = preference_gap(scores[winner, rows], scores[loser, rows])
-            kept = (gap > cfg.threshold) & (winner != loser)
+            # a step without noise (sigma 0: eta 0, or a last step onto alpha 1) has no density to train
+            kept = (gap > cfg.threshold) & (winner != loser) & (sigma.reshape(-1) > 0)
         x_w, x_l = first[winner, rows], first[loser, rows]
         loss, margin = spo_loss(
             transition_log_prob(x_w, mean_pol, sigma),
@@ -934,8 +941,8 @@ def spo_trajectories(
             cfg.beta,
             cfg.clip,
         )
-        yield PoolStep(loss, kept, margin, gap, int(timesteps[level - 1]))
         chosen = torch.randint(k, (B,), generator=generator).to(x.device)
+        yield PoolStep(loss, kept, margin, gap, int(timesteps[level - 1]), x.detach(), first, winner, loser, chosen)
         x = ends.reshape(k, B, *x.shape[1:])[chosen, rows].to(x.dtype)
         level = end
 
@@ -2799,14 +2806,15 @@ def main(args):
             with accelerator.no_sync(unet), accelerator.autocast():
                 for pool in spo_trajectories(policy, reference, preference, x, cond, null_cond, batch, cfg, generator):
                     kept = pool.kept.float()
+                    pool_loss = torch.where(pool.kept, pool.loss, torch.zeros_like(pool.loss))
                     if pool.kept.any():
-                        pair_loss = (pool.loss * kept).sum() / (len(batch) * pools)
+                        pair_loss = pool_loss.sum() / (len(batch) * pools)
                         if any_process(accelerator, not torch.isfinite(pair_loss).item()):
                             raise non_finite(global_step + 1, "the loss", pair_loss.item(), args.output_dir)
                         accelerator.backward(pair_loss)
-                    sums["loss"] += (pool.loss.detach() * kept).sum().item()
+                    sums["loss"] += pool_loss.detach().sum().item()
                     sums["correct"] += ((pool.margin > 0).float() * kept).sum().item()
-                    sums["margin"] += (pool.margin * kept).sum().item()
+                    sums["margin"] += torch.where(pool.kept, pool.margin, 0).sum().item()
                     sums["gap"] += pool.gap.sum().item()
                     sums["pairs_kept"] += kept.sum().item()
                     sums["pairs_skipped"] += (1 - kept).sum().item()

@@ -26,9 +26,12 @@ OUTPUT = os.path.join(REPO, "docs", "flags.md")
 SCRIPTS = [
     ("train_inversion_dpo.py", "accelerate launch train_inversion_dpo.py"),
     ("train_inversion_dpo_sdxl.py", "accelerate launch train_inversion_dpo_sdxl.py"),
+    ("train_spo.py", "accelerate launch train_spo.py"),
+    ("train_spo_sdxl.py", "accelerate launch train_spo_sdxl.py"),
     ("evaluate.py", "python evaluate.py"),
     ("demo.py", "python demo.py"),
     ("scripts/convert_scorer_weights.py", "python scripts/convert_scorer_weights.py"),
+    ("scripts/convert_step_aware_preference_model.py", "python scripts/convert_step_aware_preference_model.py"),
 ]
 
 
@@ -194,8 +197,9 @@ def render() -> str:
     lines += [f"- [{script}](#{anchor(script)})" for script, _ in SCRIPTS] + [""]
     for script, command in SCRIPTS:
         reference = None
-        if script == "train_inversion_dpo_sdxl.py":
-            reference = ("train_inversion_dpo.py", parsers["train_inversion_dpo.py"])
+        if script.endswith("_sdxl.py"):
+            original = script.replace("_sdxl.py", ".py")
+            reference = (original, parsers[original])
         lines += section(script, command, parsers[script], reference)
     return "\n".join(lines).rstrip("\n") + "\n"
 

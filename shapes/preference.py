@@ -11,6 +11,7 @@ from typing import List, Sequence
 
 from shapes import scorer
 
+
 SCALE = 10.0
 
 

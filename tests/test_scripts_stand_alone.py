@@ -13,7 +13,7 @@ from conftest import REPO
 from script_runner import QUICK, cpu_launch_command, env, metrics
 
 
-TRAINERS = ["train_inversion_dpo.py", "train_inversion_dpo_sdxl.py"]
+TRAINERS = ["train_inversion_dpo.py", "train_inversion_dpo_sdxl.py", "train_spo.py", "train_spo_sdxl.py"]
 CHECK_COPIES = os.path.join(REPO, "scripts", "check_copies.py")
 
 

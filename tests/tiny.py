@@ -278,3 +278,28 @@ def save_tiny_imagereward(path: str, seed: int = 0, mean: float = 0.5, std: floa
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     save_linear_head(os.path.join(path, "imagereward_head.safetensors"), [32, 8, 1], seed, mean=mean, std=std)
     return path
+
+
+def save_tiny_step_aware_model(path: str, seed: int = 0) -> str:
+    """A step-aware preference model (train_spo.StepAwarePreferenceModel: the tiny CLIP of ``save_tiny_clip`` with
+    timestep conditioning, its time modules random so that the timestep matters) and its tokenizer, as the converter
+    script writes one."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    from train_spo import StepAwarePreferenceModel
+
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer()
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer).to_dict(),
+        vision_config=CLIPVisionConfig(**TINY_VISION).to_dict(),
+        projection_dim=16,
+    )
+    model = StepAwarePreferenceModel(config)
+    with torch.no_grad():
+        for module in (model.time_embedder, model.block_modulations, model.pooled_modulation):
+            for p in module.parameters():
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
