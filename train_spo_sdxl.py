@@ -873,7 +873,7 @@ def spo_trajectories(
     null_cond,
     prompts: List[str],
     cfg: SPOConfig,
-    generator: torch.Generator,
+    generators: List[torch.Generator],
 ) -> Iterator[PoolStep]:
     """Samples B trajectories from pure noise ``x`` with the policy (DDIM with ``eta``) and yields a ``PoolStep`` at
     each trained level. ``score(latents, prompts, timesteps) -> [n]`` scores predicted clean latents.
@@ -883,16 +883,18 @@ def spo_trajectories(
     the winner's and the loser's log-probabilities under both models come from those two calls, not four. Each
     candidate runs ``segment_steps - 1`` more plain steps and is scored on its predicted clean image at the end
     level's timestep (the decoded latent itself at level 0). The pair is the best and the worst candidate; one
-    candidate drawn at random continues. Random draws come from ``generator`` (CPU), so a batch's trajectories are a
-    function of its seed."""
+    candidate drawn at random continues. Every random draw of trajectory b comes from ``generators[b]`` (CPU), so a
+    trajectory is a function of its own seed, whatever the batch it is sampled in or the process."""
     grid, B = cfg.grid, x.shape[0]
     alphas, timesteps = grid.alphas, grid.timesteps
     n = len(timesteps)
     pools = set(pool_levels(cfg))
     rows = torch.arange(B, device=x.device)
 
-    def noise(shape):
-        return torch.randn(shape, generator=generator).to(x.device)
+    def noise(copies: int) -> torch.Tensor:
+        """[copies, B, ...]: trajectory b's draws from its own generator."""
+        draws = [torch.randn((copies, *x.shape[1:]), generator=g) for g in generators]
+        return torch.stack(draws, dim=1).to(x.device)
 
     def step(denoiser, x, level, cond, null_cond):
         out = guided(denoiser, x, int(timesteps[level - 1]), cond, null_cond, cfg.guidance_scale)
@@ -901,7 +903,7 @@ def spo_trajectories(
     def plain_step(x, level, cond, null_cond):
         with torch.no_grad():
             mean, sigma = step(policy, x, level, cond, null_cond)
-            return mean + sigma * noise(x.shape)
+            return mean + sigma * noise(x.shape[0] // B).flatten(0, 1)  # rows copy-major: row j B + b is b's
 
     level = n
     k = cfg.pool_size
@@ -915,7 +917,7 @@ def spo_trajectories(
         with torch.no_grad():
             mean_ref, _ = step(reference, x, level, cond, null_cond)
         with torch.no_grad():
-            first = mean_pol.detach().unsqueeze(0) + sigma * noise((k, *x.shape))  # [k, B, ...]
+            first = mean_pol.detach().unsqueeze(0) + sigma * noise(k)  # [k, B, ...]
             ends, end = first.flatten(0, 1), level - 1
             while end > 0 and end > level - cfg.segment_steps:
                 ends = plain_step(ends, end, cond_k, null_k)
@@ -941,7 +943,7 @@ def spo_trajectories(
             cfg.beta,
             cfg.clip,
         )
-        chosen = torch.randint(k, (B,), generator=generator).to(x.device)
+        chosen = torch.cat([torch.randint(k, (1,), generator=g) for g in generators]).to(x.device)
         yield PoolStep(loss, kept, margin, gap, int(timesteps[level - 1]), x.detach(), first, winner, loser, chosen)
         x = ends.reshape(k, B, *x.shape[1:])[chosen, rows].to(x.dtype)
         level = end
@@ -2796,15 +2798,18 @@ def main(args):
             index = (global_step * args.gradient_accumulation_steps + micro) * accelerator.num_processes
             index += accelerator.process_index
             batch = prompt_stream(prompts, args.seed, index * args.train_batch_size, args.train_batch_size)
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            first = index * args.train_batch_size  # the stream position of this micro-step's first prompt
+            generators = [torch.Generator().manual_seed(args.seed * 1_000_003 + first + i) for i in range(len(batch))]
             with torch.no_grad():
                 cond, null_cond = prompt_conditioning(batch, text, args.resolution)
-            x = torch.randn((len(batch), *shape), generator=generator).to(device)
+            x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
             # 6b. The trajectories, a pool at a time: the pair's loss and its backward, normalised by the pairs the
             #     micro-step could have made, so that a skipped pair adds nothing
             with accelerator.no_sync(unet), accelerator.autocast():
-                for pool in spo_trajectories(policy, reference, preference, x, cond, null_cond, batch, cfg, generator):
+                for pool in spo_trajectories(
+                    policy, reference, preference, x, cond, null_cond, batch, cfg, generators
+                ):
                     kept = pool.kept.float()
                     pool_loss = torch.where(pool.kept, pool.loss, torch.zeros_like(pool.loss))
                     if pool.kept.any():

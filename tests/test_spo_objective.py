@@ -124,10 +124,12 @@ def trajectories(cfg, score, recorder=None, batch=2, seed=0):
     recorder = recorder or Recorder()
     cond = {"encoder_hidden_states": torch.ones(batch, 1)}
     null = {"encoder_hidden_states": torch.zeros(batch, 1)}
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, 4, 4, generator=g)
+    generators = [torch.Generator().manual_seed(seed * 100 + i) for i in range(batch)]
+    x = torch.stack([torch.randn(4, 4, 4, generator=g) for g in generators])
     prompts = [f"p{i}" for i in range(batch)]
-    pools = list(spo.spo_trajectories(recorder.policy, recorder.reference, score, x, cond, null, prompts, cfg, g))
+    pools = list(
+        spo.spo_trajectories(recorder.policy, recorder.reference, score, x, cond, null, prompts, cfg, generators)
+    )
     return pools, recorder
 
 
@@ -279,11 +281,20 @@ def test_the_shapes_alias_is_the_plugin_beside_the_script():
     path, _, name = spo.resolve_alias("shapes").rpartition(":")
     assert name == "score" and path.endswith(os.path.join("shapes", "preference.py")) and os.path.isfile(path)
     score = spo.load_plugin(spo.resolve_alias("shapes"))
+    from PIL import Image
+
     from shapes import world
 
-    image = world.render("a red circle above a blue square", rng=0)
-    assert score([image], ["a red circle above a blue square"], [0]) == [10.0]  # every atom holds
-    assert score([image], ["a green triangle"], [0])[0] < 10.0
+    prompt = "a red circle above a blue square"
+    right = world.render(prompt, rng=0)
+    empty = Image.new("RGB", right.size, "white")
+    extra = world.draw(
+        world.sample_layout("a red circle above a blue square", rng=0) + world.sample_layout("a green triangle", rng=1)
+    )
+    scores = score([right, empty, extra], [prompt] * 3, [0, 0, 0])
+    assert scores[0] == 3 * 2.5  # both objects and the relation, nothing extra
+    assert scores[1] == 0 < scores[0]  # an empty image earns nothing (it would hold "no extra object")
+    assert scores[2] < scores[0]
 
 
 def test_prompts_come_from_text_csv_jsonl_and_dataset_folders(tmp_path):
@@ -321,3 +332,21 @@ def test_prompts_come_from_text_csv_jsonl_and_dataset_folders(tmp_path):
     with pytest.raises(train_spo.DataError, match="no prompt in its 2 rows"):
         (tmp_path / "empty.txt").write_text("\n \n")
         prompts(tmp_path / "empty.txt")
+
+
+def test_a_trajectory_depends_on_its_own_seed_alone():
+    """Trajectory b draws from its own generator: sampled alone or beside another, it is the same (so a run on two
+    processes of one prompt each samples what one process does with batches of two)."""
+    cfg = config(segment_steps=2)
+    pair, _ = trajectories(cfg, brightness, batch=2, seed=0)
+    generator = torch.Generator().manual_seed(1)  # trajectories() seeds row i with seed * 100 + i: row 1 is seed 1
+    x = torch.randn(4, 4, 4, generator=generator).unsqueeze(0)
+    recorder = Recorder()
+    one = {"encoder_hidden_states": torch.ones(1, 1)}
+    null = {"encoder_hidden_states": torch.zeros(1, 1)}
+    alone = list(spo.spo_trajectories(recorder.policy, recorder.reference, brightness, x, one, null, ["p1"], cfg,
+                                      [generator]))  # fmt: skip
+    for a, b in zip(alone, pair):
+        torch.testing.assert_close(a.x_t[0], b.x_t[1])
+        torch.testing.assert_close(a.candidates[:, 0], b.candidates[:, 1])
+        assert a.chosen[0] == b.chosen[1]

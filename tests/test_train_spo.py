@@ -165,3 +165,31 @@ def test_a_bad_input_ends_in_one_line_with_exit_code_2(tiny_sd_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == ["error: --prompts: no such file or folder: 'nosuch.txt'"]
+
+
+def test_two_processes_train_what_one_does_with_twice_the_batch(tiny_sd_dir, prompts_file, brightness, tmp_path):
+    """Data parallel on 2 CPU processes (accelerate's multi-GPU launcher on gloo), one prompt each: each process backs
+    up its own pools' pairs and the gradients meet once per step, so the adapter equals one process's with batches of
+    two (a trajectory is a function of its own seed)."""
+    args = [
+        "--pretrained_model_name_or_path", tiny_sd_dir, "--prompts", prompts_file, "--preference_model", brightness,
+        "--preference_score_scale", "1000", *QUICK, "--max_train_steps", "2",
+    ]  # fmt: skip
+    args[args.index("--train_batch_size") + 1] = "1"
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    run(SD, args + ["--output_dir", two], num_processes=2)
+    args[args.index("--train_batch_size") + 1] = "2"
+    run(SD, args + ["--output_dir", one])
+    rows = lambda out: [r for r in metrics(out) if "pairs_kept" in r]  # noqa: E731
+    for a, b in zip(rows(two), rows(one), strict=True):
+        assert (a["pairs_kept"], a["pairs_skipped"]) == (b["pairs_kept"], b["pairs_skipped"])
+        assert a["pairs_kept"] + a["pairs_skipped"] == 2 * 3
+        # the gradient (its norm before clipping) and the loss are the same up to float summation order
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
+        assert a.get("loss") == pytest.approx(b.get("loss"), rel=1e-5)
+    # Adam's first steps move each weight by about the learning rate whatever the gradient's size, so float noise in
+    # a gradient near zero shows as up to a few hundredths of a step
+    a, b = lora(two), lora(one)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-3), k
