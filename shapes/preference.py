@@ -13,6 +13,7 @@ from typing import List, Sequence
 
 from shapes import scorer
 
+
 SCALE = 2.5
 
 
