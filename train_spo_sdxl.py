@@ -231,6 +231,15 @@ def make_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="The ratio is clamped to [1 - this, 1 + this] (official 0.1): no gradient beyond it, a trust region.",
     )
+    g.add_argument(
+        "--spo_lookahead_steps",
+        type=int,
+        default=0,
+        help="0: score each candidate's predicted clean image at its timestep (the official code, for a step-aware "
+        "model). N: score the image that N deterministic DDIM steps of the policy make from it, at t = 0 (this "
+        "project's extension, for a step-unaware scorer such as shapes or PickScore; N more guided calls per "
+        "candidate).",
+    )
     g = p.add_argument_group("preference model")
     g.add_argument(
         "--preference_model",
@@ -423,7 +432,13 @@ def check_args(args):
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_validation_prompts", "lr_warmup_steps", "spo_untrained_steps", "spo_clip"):
+    for name in (
+        "num_validation_prompts",
+        "lr_warmup_steps",
+        "spo_untrained_steps",
+        "spo_clip",
+        "spo_lookahead_steps",
+    ):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be at least 0, got {getattr(args, name):g}")
     for name in ("learning_rate", "spo_beta", "eta", "preference_score_scale"):
@@ -823,6 +838,7 @@ class SPOConfig:
     beta: float
     clip: float
     prediction_type: str = "epsilon"
+    lookahead_steps: int = 0
 
 
 # Copied from train_spo.PoolStep
@@ -863,6 +879,21 @@ def pool_levels(cfg: SPOConfig) -> List[int]:
     return list(range(n - cfg.untrained_steps, 0, -cfg.segment_steps))
 
 
+# Copied from train_spo.lookahead
+def lookahead(policy: Denoiser, x: torch.Tensor, level: int, cond, null_cond, cfg: SPOConfig) -> torch.Tensor:
+    """The clean latent that ``cfg.lookahead_steps`` deterministic DDIM steps (eta 0) of the policy make from ``x`` at
+    grid level ``level``, on levels spaced evenly down to 0 (fewer when fewer are left). This project's extension: a
+    step-unaware scorer then judges the image a candidate leads to, which is what a step-aware model is trained to
+    predict from the candidate itself, at the price of these steps."""
+    grid = cfg.grid
+    levels = torch.linspace(level, 0, min(cfg.lookahead_steps, level) + 1).round().long().unique_consecutive()
+    for upper, lower in zip(levels.tolist(), levels[1:].tolist()):
+        out = guided(policy, x, int(grid.timesteps[upper - 1]), cond, null_cond, cfg.guidance_scale)
+        mean, _ = ddim_step_distribution(x, out, grid.alphas[upper], grid.alphas[lower], 0.0, cfg.prediction_type)
+        x = mean
+    return x.float()
+
+
 # Copied from train_spo.spo_trajectories
 def spo_trajectories(
     policy: Denoiser,
@@ -882,7 +913,8 @@ def spo_trajectories(
     samples the k candidates ``x_{i-1}^j = mean + sigma z_j``) and one guided reference call its reference mean; so
     the winner's and the loser's log-probabilities under both models come from those two calls, not four. Each
     candidate runs ``segment_steps - 1`` more plain steps and is scored on its predicted clean image at the end
-    level's timestep (the decoded latent itself at level 0). The pair is the best and the worst candidate; one
+    level's timestep (the decoded latent itself at level 0), or with ``lookahead_steps`` on the image those many
+    deterministic steps make from it (``lookahead``). The pair is the best and the worst candidate; one
     candidate drawn at random continues. Every random draw of trajectory b comes from ``generators[b]`` (CPU), so a
     trajectory is a function of its own seed, whatever the batch it is sampled in or the process."""
     grid, B = cfg.grid, x.shape[0]
@@ -922,12 +954,14 @@ def spo_trajectories(
             while end > 0 and end > level - cfg.segment_steps:
                 ends = plain_step(ends, end, cond_k, null_k)
                 end -= 1
-            if end > 0:
+            if end > 0 and cfg.lookahead_steps:
+                clean, end_t = lookahead(policy, ends, end, cond_k, null_k, cfg), 0
+            elif end > 0:
                 out = guided(policy, ends, int(timesteps[end - 1]), cond_k, null_k, cfg.guidance_scale)
                 clean = clean_and_noise(ends, out, alphas[end], cfg.prediction_type)[0]
+                end_t = int(timesteps[end - 1])
             else:
-                clean = ends.float()
-            end_t = int(timesteps[end - 1]) if end > 0 else 0
+                clean, end_t = ends.float(), 0
             scores = torch.as_tensor(score(clean, prompts * k, [end_t] * (k * B)), dtype=torch.float32)
             scores = scores.to(x.device).reshape(k, B)
             winner, loser = scores.argmax(0), scores.argmin(0)
@@ -1562,6 +1596,7 @@ def spo_config(args, noise_scheduler, device) -> SPOConfig:
         beta=args.spo_beta,
         clip=args.spo_clip,
         prediction_type=prediction_type_of(noise_scheduler),
+        lookahead_steps=args.spo_lookahead_steps,
     )
 
 

@@ -350,3 +350,31 @@ def test_a_trajectory_depends_on_its_own_seed_alone():
         torch.testing.assert_close(a.x_t[0], b.x_t[1])
         torch.testing.assert_close(a.candidates[:, 0], b.candidates[:, 1])
         assert a.chosen[0] == b.chosen[1]
+
+
+def test_lookahead_scores_the_image_the_candidate_leads_to():
+    """--spo_lookahead_steps: the candidates are scored at t = 0 on the image that deterministic steps make of them;
+    with as many steps as levels left, that is DDIM with eta 0 down the grid."""
+    seen = []
+
+    def record(latents, prompts, timesteps):
+        seen.append((timesteps[0], latents.clone()))
+        return brightness(latents, prompts, timesteps)
+
+    cfg = config(lookahead_steps=100)
+    pools, recorder = trajectories(cfg, record, batch=1)
+    assert [t for t, _ in seen] == [0] * len(pools)
+    # the first pool's candidates, walked down the grid with eta 0 by hand
+    one = {"encoder_hidden_states": torch.ones(3, 1)}
+    null = {"encoder_hidden_states": torch.zeros(3, 1)}
+    x, level = pools[0].candidates[:, 0], spo.pool_levels(cfg)[0] - 1
+    grid = cfg.grid
+    while level > 0:
+        out = spo.guided(recorder.reference, x, int(grid.timesteps[level - 1]), one, null, cfg.guidance_scale)
+        x = spo.ddim_step_distribution(x, out, grid.alphas[level], grid.alphas[level - 1], 0.0, "epsilon")[0]
+        level -= 1
+    torch.testing.assert_close(seen[0][1], x)
+    # 2 steps instead: fewer calls, and still clean latents at t = 0
+    calls = len(recorder.calls)
+    _, fewer = trajectories(config(lookahead_steps=2), record, batch=1)
+    assert len(fewer.calls) < calls

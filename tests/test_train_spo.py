@@ -130,11 +130,12 @@ def test_the_step_aware_model_and_a_clip_scorer_judge_the_candidates(tiny_sd_dir
 
 
 def test_the_shapes_world_judges_without_a_download(prompts_file, tmp_path):
-    """--preference_model shapes on the committed shapes base: the embedded default, offline."""
+    """--preference_model shapes on the committed shapes base, judging the images two deterministic steps make of
+    the candidates (--spo_lookahead_steps): the embedded default, offline."""
     out = str(tmp_path / "out")
     model = os.path.join(REPO, "models", "shapes-sd-tiny")
     args = ["--pretrained_model_name_or_path", model, "--prompts", prompts_file, "--preference_model", "shapes",
-            *QUICK, "--max_train_steps", "1", "--output_dir", out]  # fmt: skip
+            "--spo_lookahead_steps", "2", *QUICK, "--max_train_steps", "1", "--output_dir", out]  # fmt: skip
     run(SD, args)
     rows = [r for r in metrics(out) if "pairs_kept" in r]
     assert rows[0]["pairs_kept"] + rows[0]["pairs_skipped"] == 6
