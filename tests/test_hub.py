@@ -247,3 +247,47 @@ def test_a_push_puts_the_repo_id_it_created_into_the_cards_snippet(tmp_path, hub
     assert 'pipe.load_lora_weights("me/adapter")' in sent and "<your-username>" not in sent
     assert sent == open(tmp_path / "README.md").read()  # the card kept beside the adapter says the same
     assert ModelCard(sent).data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_an_spo_adapter_has_its_own_card_and_pushes_the_same_way(tmp_path, hub):
+    """train_spo.py's card (prompts, pairs kept and skipped, the kept pairs' loss and accuracy) through the Hub's
+    validator and a push, with the copied push code."""
+    import train_spo
+
+    for name in ("pytorch_lora_weights.safetensors", "validation.png", "samples/00.png", "checkpoint-4/x", "logs/y"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text("x")
+    args = train_spo.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "--prompts",
+            "yuvalkirstain/pickapic_v1_no_images",
+            "--preference_model",
+            "shapes",
+            "--output_dir",
+            str(tmp_path),
+            "--hub_model_id",
+            "adapter",
+            "--hub_token",
+            "t0k",
+            "--license",
+            "openrail",
+        ]  # fmt: skip
+    )
+    metrics = train_spo.headline_metrics(
+        [
+            {"step": 1, "pairs_kept": 2, "pairs_skipped": 2, "loss": 0.7, "accuracy": 0.5},
+            {"step": 2, "pairs_kept": 0, "pairs_skipped": 4},
+        ]  # fmt: skip
+    )
+    assert metrics == {"steps": 2, "pairs_kept": 2, "pairs_skipped": 6, "loss": 0.7, "accuracy": 0.5}
+    train_spo.write_model_card(args, str(tmp_path), 4000, 2, [("a cat", "samples/00.png")], metrics)
+    assert train_spo.push_folder_to_hub(args, str(tmp_path)) == "me/adapter"
+    assert hub.committed == ["README.md", "pytorch_lora_weights.safetensors", "samples/00.png", "validation.png"]
+    (sent,) = set(hub.validated)
+    card = ModelCard(sent)
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and card.data.license == "openrail"
+    assert card.data.datasets == ["yuvalkirstain/pickapic_v1_no_images"] and "spo" in card.data.tags
+    assert "# SPO LoRA for stable-diffusion-v1-5/stable-diffusion-v1-5" in sent and "4000 prompts" in sent
+    assert "| 4000 | 2 | 2 | 6 | 0.7000 | 50.0% |" in sent and 'pipe.load_lora_weights("me/adapter")' in sent
