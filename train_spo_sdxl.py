@@ -660,11 +660,12 @@ def load_prompts(args) -> Tuple[List[str], Dict[str, int]]:
 def prompt_stream(prompts: Sequence[str], seed: int, start: int, count: int) -> List[str]:
     """Positions ``start .. start + count - 1`` of an endless stream of the prompts, each epoch a new permutation
     drawn from ``seed`` and the epoch: a pure function of the position, so a resumed run reads on where it stopped."""
-    out, n = [], len(prompts)
+    out, n, orders = [], len(prompts), {}
     for position in range(start, start + count):
         epoch, index = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(prompts[int(order[index])])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(prompts[int(orders[epoch][index])])
     return out
 
 
@@ -733,10 +734,20 @@ def clean_and_noise(x_t: torch.Tensor, out: torch.Tensor, a_t: Alpha, prediction
     ``x0 = sqrt(a_t) x_t - sqrt(1 - a_t) v``, which holds at a zero-terminal-SNR top level (a_t = 0) too."""
     a = _as_tensor(a_t, x_t)
     x_t, out = x_t.float(), out.float()
-    if prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x_t
     eps = eps_from_prediction(out, x_t, a_t, prediction_type)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * out, eps
     return (x_t - (1 - a).sqrt() * eps) / a.sqrt(), eps
+
+
+# Copied from train_spo.ddpm_posterior_std
+def ddpm_posterior_std(a_s: Alpha, a_t: Alpha) -> torch.Tensor:
+    """Std of q(x_s | x_t, x_0) for levels a_s > a_t (DDPM eq. 7 between two arbitrary levels); 0 between equal
+    levels (no step), also where both are 0."""
+    a_s, a_t = torch.as_tensor(a_s, dtype=torch.float32), torch.as_tensor(a_t, dtype=torch.float32)
+    stay = a_s == a_t
+    var = (1 - a_s) / torch.where(stay, 1.0, 1 - a_t) * (1 - a_t / torch.where(stay, 1.0, a_s))
+    return torch.where(stay, 0.0, var).clamp(min=0).sqrt()
 
 
 # Copied from train_spo.ddim_step_distribution
@@ -752,8 +763,8 @@ def ddim_step_distribution(
 
     Returns ``(mean, sigma)``; ``x_p = mean + sigma z`` is ``DDIMScheduler.step`` with ``eta``."""
     x0, eps = clean_and_noise(x_t, out, a_t, prediction_type)
-    a_t, a_p = _as_tensor(a_t, x_t), _as_tensor(a_p, x_t)
-    sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).clamp(min=0).sqrt()
+    sigma = eta * _as_tensor(ddpm_posterior_std(a_p, a_t), x_t)
+    a_p = _as_tensor(a_p, x_t)
     mean = a_p.sqrt() * x0 + (1 - a_p - sigma**2).clamp(min=0).sqrt() * eps
     return mean, sigma
 
@@ -859,16 +870,25 @@ class PoolStep(NamedTuple):
 
 
 # Copied from train_spo.guided
-def guided(denoiser: Denoiser, x, t: int, cond, null_cond, guidance_scale: float) -> torch.Tensor:
-    """The UNet output of ``denoiser`` at ``x`` (label ``t``) with classifier-free guidance
-    ``out(null) + g (out(c) - out(null))``; g = 1 is one conditional call. The guided noise is the noise of the guided
-    output, eps or v alike (eps is affine in v at a given ``x``)."""
-    rows = x.shape[0]
+def guided(denoiser: Denoiser, cond, null_cond, guidance_scale: float) -> Callable:
+    """``eps(x, t)`` with classifier-free guidance: ``eps(null) + g (eps(c) - eps(null))``; g = 1 is one call."""
     if guidance_scale == 1.0:
-        return denoiser(x, torch.full((rows,), t, device=x.device), cond)
-    out = denoiser(torch.cat([x, x]), torch.full((2 * rows,), t, device=x.device), _cat_cond(null_cond, cond))
-    out_null, out_cond = out.chunk(2)
-    return out_null + guidance_scale * (out_cond - out_null)
+        return lambda x, t: denoiser(x, t, cond)
+
+    stacked_cond = _cat_cond(null_cond, cond)
+
+    def eps(x, t):
+        e_null, e_cond = denoiser(torch.cat([x, x]), torch.cat([t, t]), stacked_cond).chunk(2)
+        return e_null + guidance_scale * (e_cond - e_null)
+
+    return eps
+
+
+# Copied from train_spo.guided_at
+def guided_at(denoiser: Denoiser, x, t: int, cond, null_cond, guidance_scale: float) -> torch.Tensor:
+    """``guided`` at ``x`` with the label ``t`` for every row: the guided UNet output. Guidance combines the raw
+    outputs; the noise they imply is the guided noise, eps or v alike (eps is affine in v at a given ``x``)."""
+    return guided(denoiser, cond, null_cond, guidance_scale)(x, torch.full((x.shape[0],), t, device=x.device))
 
 
 # Copied from train_spo.pool_levels
@@ -888,7 +908,7 @@ def lookahead(policy: Denoiser, x: torch.Tensor, level: int, cond, null_cond, cf
     grid = cfg.grid
     levels = torch.linspace(level, 0, min(cfg.lookahead_steps, level) + 1).round().long().unique_consecutive()
     for upper, lower in zip(levels.tolist(), levels[1:].tolist()):
-        out = guided(policy, x, int(grid.timesteps[upper - 1]), cond, null_cond, cfg.guidance_scale)
+        out = guided_at(policy, x, int(grid.timesteps[upper - 1]), cond, null_cond, cfg.guidance_scale)
         mean, _ = ddim_step_distribution(x, out, grid.alphas[upper], grid.alphas[lower], 0.0, cfg.prediction_type)
         x = mean
     return x.float()
@@ -929,7 +949,7 @@ def spo_trajectories(
         return torch.stack(draws, dim=1).to(x.device)
 
     def step(denoiser, x, level, cond, null_cond):
-        out = guided(denoiser, x, int(timesteps[level - 1]), cond, null_cond, cfg.guidance_scale)
+        out = guided_at(denoiser, x, int(timesteps[level - 1]), cond, null_cond, cfg.guidance_scale)
         return ddim_step_distribution(x, out, alphas[level], alphas[level - 1], cfg.eta, cfg.prediction_type)
 
     def plain_step(x, level, cond, null_cond):
@@ -957,7 +977,7 @@ def spo_trajectories(
             if end > 0 and cfg.lookahead_steps:
                 clean, end_t = lookahead(policy, ends, end, cond_k, null_k, cfg), 0
             elif end > 0:
-                out = guided(policy, ends, int(timesteps[end - 1]), cond_k, null_k, cfg.guidance_scale)
+                out = guided_at(policy, ends, int(timesteps[end - 1]), cond_k, null_k, cfg.guidance_scale)
                 clean = clean_and_noise(ends, out, alphas[end], cfg.prediction_type)[0]
                 end_t = int(timesteps[end - 1])
             else:

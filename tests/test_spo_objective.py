@@ -370,7 +370,7 @@ def test_lookahead_scores_the_image_the_candidate_leads_to():
     x, level = pools[0].candidates[:, 0], spo.pool_levels(cfg)[0] - 1
     grid = cfg.grid
     while level > 0:
-        out = spo.guided(recorder.reference, x, int(grid.timesteps[level - 1]), one, null, cfg.guidance_scale)
+        out = spo.guided_at(recorder.reference, x, int(grid.timesteps[level - 1]), one, null, cfg.guidance_scale)
         x = spo.ddim_step_distribution(x, out, grid.alphas[level], grid.alphas[level - 1], 0.0, "epsilon")[0]
         level -= 1
     torch.testing.assert_close(seen[0][1], x)
