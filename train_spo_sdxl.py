@@ -2848,6 +2848,7 @@ def main(args):
     while global_step < args.max_train_steps:
         step_start = time.perf_counter()
         sums = dict.fromkeys(("loss", "correct", "margin", "gap", "pairs_kept", "pairs_skipped"), 0.0)
+        bad_loss = None  # a non-finite pool loss of this process, checked on every process once the step's pools end
         for micro in range(args.gradient_accumulation_steps):
             # 6a. This micro-step's prompts and random stream (noise, candidates' noise, the continuing candidate)
             index = (global_step * args.gradient_accumulation_steps + micro) * accelerator.num_processes
@@ -2869,9 +2870,10 @@ def main(args):
                     pool_loss = torch.where(pool.kept, pool.loss, torch.zeros_like(pool.loss))
                     if pool.kept.any():
                         pair_loss = pool_loss.sum() / (len(batch) * pools)
-                        if any_process(accelerator, not torch.isfinite(pair_loss).item()):
-                            raise non_finite(global_step + 1, "the loss", pair_loss.item(), args.output_dir)
-                        accelerator.backward(pair_loss)
+                        if not torch.isfinite(pair_loss).item():
+                            bad_loss = pair_loss.item()
+                        elif bad_loss is None:
+                            accelerator.backward(pair_loss)
                     sums["loss"] += pool_loss.detach().sum().item()
                     sums["correct"] += ((pool.margin > 0).float() * kept).sum().item()
                     sums["margin"] += torch.where(pool.kept, pool.margin, 0).sum().item()
@@ -2879,7 +2881,15 @@ def main(args):
                     sums["pairs_kept"] += kept.sum().item()
                     sums["pairs_skipped"] += (1 - kept).sum().item()
 
-        # 6c. The gradients' mean over the processes; clip and step
+        # 6c. The gradients' mean over the processes; clip and step. Processes keep different numbers of pairs, so a
+        #     collective (this check, the mean) may only stand where every process reaches it
+        if any_process(accelerator, bad_loss is not None):
+            raise non_finite(
+                global_step + 1,
+                "the loss",
+                bad_loss if bad_loss is not None else "nan or inf on another process",
+                args.output_dir,
+            )
         average_gradients(accelerator, params)
         max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf  # inf: measure only
         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))

@@ -194,3 +194,56 @@ def test_two_processes_train_what_one_does_with_twice_the_batch(tiny_sd_dir, pro
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-3), k
+
+
+def test_a_non_finite_loss_stops_the_step_without_saving_it(tiny_sd_dir, prompts_file, brightness, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    """Every pool's loss nan (as a diverged fp16 run gives): the run stops at that step with one line, after the
+    step's pools (where every process checks at once), and no checkpoint of it is written."""
+    import train_spo
+
+    def nan_loss(*args, **kwargs):
+        loss, margin = spo_loss(*args, **kwargs)
+        return loss * float("nan"), margin
+
+    spo_loss = train_spo.spo_loss
+    monkeypatch.setattr(train_spo, "spo_loss", nan_loss)
+    out = str(tmp_path / "out")
+    args = train_spo.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_sd_dir,
+            "--prompts",
+            prompts_file,
+            "--preference_model",
+            brightness,
+            "--preference_score_scale",
+            "1000",
+            *QUICK,
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            out,
+        ]  # fmt: skip
+    )
+    with pytest.raises(train_spo.TrainingError, match="step 1: the loss is nan .* no checkpoint had been written"):
+        train_spo.main(args)
+    assert not [name for name in os.listdir(out) if name.startswith("checkpoint")]
+
+
+def test_processes_that_keep_different_numbers_of_pairs_step_together(tiny_sd_dir, prompts_file, tmp_path):
+    """On 2 processes, one whose preference model ties every candidate (it keeps no pair) and one that keeps them
+    all: every collective stands where both processes reach it, so the step completes (a check inside the per-pair
+    branch once left the two waiting on different collectives)."""
+    plugin = tmp_path / "one_rank_ties.py"
+    plugin.write_text(BRIGHTNESS.replace("    return [", "    if os.environ.get('RANK') == '1':\n        return [0.0] * len(images)\n    return [")
+                      .replace("import numpy as np", "import os\n\nimport numpy as np"))  # fmt: skip
+    out = str(tmp_path / "out")
+    args = ["--pretrained_model_name_or_path", tiny_sd_dir, "--prompts", prompts_file, "--preference_model",
+            f"{plugin}:score", "--preference_score_scale", "1000", *QUICK, "--max_train_steps", "2",
+            "--output_dir", out]  # fmt: skip
+    args[args.index("--train_batch_size") + 1] = "1"
+    run(SD, args, num_processes=2, timeout=240)
+    rows = [r for r in metrics(out) if "pairs_kept" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["pairs_kept"] == 3 and r["pairs_skipped"] == 3 for r in rows)  # rank 0's kept, rank 1's skipped
