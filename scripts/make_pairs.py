@@ -31,6 +31,12 @@ def main(argv=None):
     ap.add_argument(
         "--min_winner_score", type=float, default=None, help="drop pairs whose winner scores lower (1.0: it passes)"
     )
+    ap.add_argument(
+        "--loser_outcome",
+        choices=sampling.OUTCOMES,
+        default=None,
+        help="keep only pairs whose loser fails this way (relation: every object right, only the relation wrong)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
     ap.add_argument("--guidance", type=float, default=sampling.DEFAULT_GUIDANCE)
@@ -52,6 +58,7 @@ def main(argv=None):
         single_fraction=args.single_fraction,
         max_pairs_per_prompt=args.max_pairs_per_prompt,
         min_winner_score=args.min_winner_score,
+        loser_outcome=args.loser_outcome,
     )
     print(
         f"wrote {stats['pairs']} pairs to {args.out} from {stats['samples']} samples of {stats['prompts']} train "

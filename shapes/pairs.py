@@ -42,18 +42,25 @@ def pairs_from_samples(
     seed: int = 0,
     max_pairs_per_prompt: Optional[int] = None,
     min_winner_score: Optional[float] = None,
+    loser_outcome: Optional[str] = None,
 ) -> Dict[str, list]:
     """Rows (column -> list) of winner/loser pairs; equal scores are dropped, held-out prompts refused. With
-    ``min_winner_score`` (1.0: the winner passes the whole prompt) pairs whose winner scores lower are dropped too."""
+    ``min_winner_score`` (1.0: the winner passes the whole prompt) pairs whose winner scores lower are dropped too;
+    with ``loser_outcome`` (one of ``sampling.OUTCOMES``: ``relation`` keeps the pairs whose loser has every object
+    right and only the relation wrong) pairs whose loser fails another way."""
     rng = np.random.default_rng(seed)
     rows = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": [], "score_0": [], "score_1": []}
     for prompt, ims in zip(prompts, images):
         if world.is_heldout(prompt):
             raise ValueError(f"held-out prompt {prompt!r} must not be used for training pairs")
-        scores = [scorer.score(im, prompt).score for im in ims]
+        results = [scorer.score(im, prompt) for im in ims]
+        scores = [r.score for r in results]
         candidates = [(a, b) for a, b in itertools.combinations(range(len(ims)), 2) if scores[a] != scores[b]]
         if min_winner_score is not None:
             candidates = [(a, b) for a, b in candidates if max(scores[a], scores[b]) >= min_winner_score]
+        if loser_outcome is not None:
+            loser = lambda a, b: results[b] if scores[a] > scores[b] else results[a]  # noqa: E731
+            candidates = [(a, b) for a, b in candidates if sampling.outcome(loser(a, b)) == loser_outcome]
         if max_pairs_per_prompt is not None and len(candidates) > max_pairs_per_prompt:
             keep = rng.choice(len(candidates), max_pairs_per_prompt, replace=False)
             candidates = [candidates[k] for k in sorted(keep)]
@@ -100,12 +107,13 @@ def make_pairs(
     max_pairs_per_prompt: Optional[int] = None,
     prompts: Optional[Sequence[str]] = None,
     min_winner_score: Optional[float] = None,
+    loser_outcome: Optional[str] = None,
 ) -> Dict[str, float]:
     """Samples, scores and writes pairs; returns counts. Sampling seeds are ``seed * 1000 + j``."""
     if prompts is None:
         prompts = choose_prompts(num_prompts, seed, single_fraction)
     images = sampling.sample(pipe, prompts, images_per_prompt, seed * 1000, steps, guidance)
-    rows = pairs_from_samples(prompts, images, seed, max_pairs_per_prompt, min_winner_score)
+    rows = pairs_from_samples(prompts, images, seed, max_pairs_per_prompt, min_winner_score, loser_outcome)
     write_parquet(rows, out_path)
     n_samples = len(prompts) * images_per_prompt
     passed = sum(scorer.score(im, p).passed for p, ims in zip(prompts, images) for im in ims)

@@ -100,6 +100,11 @@ def test_pairs_refuse_heldout_and_drop_ties():
     passing = pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0, min_winner_score=1.0)
     assert sorted(max(a, b) for a, b in zip(every["score_0"], every["score_1"])) == [0.75, 1.0, 1.0]
     assert [max(a, b) for a, b in zip(passing["score_0"], passing["score_1"])] == [1.0, 1.0]
+    # loser_outcome "relation" keeps the pairs whose loser has both objects and only the order wrong: good over
+    # mirrored, not good or mirrored over blank
+    relation = pairs.pairs_from_samples([prompt], [[good, mirrored, blank]], seed=0, loser_outcome="relation")
+    assert len(relation["caption"]) == 1
+    assert sorted([relation["score_0"][0], relation["score_1"][0]]) == [0.75, 1.0]
     for p in pairs.choose_prompts(50, seed=3, single_fraction=0.2):
         assert not world.is_heldout(p)
 
