@@ -38,7 +38,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from benchmarks.shapes_objectives import accuracy_panel, curve_point, load_results  # noqa: E402
+from benchmarks.shapes_objectives import curve_point, load_results  # noqa: E402
 
 
 LORA = ["--rank", "8", "--lora_target_modules", "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2"]
@@ -282,19 +282,56 @@ def main(args):
                 lora = os.path.join(run_dir, f"checkpoint-{step}", "pytorch_lora_weights.safetensors")
                 record = evaluate((f"{method} {best}", seed, step), lora)
                 record.update(seconds=compute[step][0], unet_evals=compute[step][1])
-        league[method] = (best, runs, a, sweep)
+        league[method] = (best, runs, a, sweep, start)
 
     write_table(args, league, done, base, data_info, paired_difference)
+
+
+def plot(args, curves, starts, base):
+    """curves.png: held-out accuracy against UNet evaluations and against seconds, each method's mean over seeds as a
+    line (each seed a faint dot) from what it spent before its first step (the data) at the base's accuracy; the base
+    as a dashed line in its 95% Wilson band."""
+    from matplotlib.ticker import FuncFormatter, PercentFormatter
+
+    from evaluation.plots import new_figure, save
+    from evaluation.stats import wilson_interval
+
+    fig, axes = new_figure(1, 2, panel_size=(5.6, 4.2))
+    low, high = wilson_interval(sum(base["passed"]), len(base["passed"]))
+    base_acc = float(np.mean(base["passed"]))
+    for ax, (key, label) in zip(axes[0], [("unet", "UNet forward-equivalents, data included"),
+                                          ("seconds", "training seconds, data included")]):  # fmt: skip
+        ax.axhspan(low, high, color="grey", alpha=0.12, linewidth=0)
+        ax.axhline(base_acc, color="grey", linestyle="--", linewidth=1, label=f"base ({base_acc:.1%})")
+        for i, (method, points) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            x0 = starts[method][0 if key == "seconds" else 1]
+            ax.plot([x0] + [p[key] for p in points], [base_acc] + [p["accuracy"] for p in points], "-o",
+                    color=color, markersize=4, label=method)  # fmt: skip
+            ax.plot([p[key] for p in points for _ in p["seeds"]], [a for p in points for a in p["seeds"]], ".",
+                    color=color, alpha=0.35, markersize=4)  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out full-prompt accuracy")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        if key == "unet":
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
+        ax.grid(alpha=0.3)
+        ax.set_title(f"against {label.split(',')[0]}", fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle("Held-out accuracy of every method at its best setting", fontsize=11)
+    fig.supxlabel(f"lines: mean over seeds {args.seeds}, from the data's cost at the base's accuracy; dots: each "
+                  "seed; band: the base's 95% Wilson interval", fontsize=8)  # fmt: skip
+    save(fig, os.path.join(args.output_dir, "curves.png"))
 
 
 def write_table(args, league, done, base, data_info, paired_difference):
     """table.md (the final checkpoints, the sweeps, where each method first reaches Diffusion-DPO's best) and
     curves.png."""
-    from evaluation.plots import new_figure, save
 
     base_acc = float(np.mean(base["passed"]))
-    curves = {}
-    for method, (best, runs, a, _) in league.items():
+    curves, starts = {}, {method: entry[4] for method, entry in league.items()}
+    for method, (best, runs, a, *_) in league.items():
         steps = range(a.checkpointing_steps, a.max_train_steps + 1, a.checkpointing_steps)
         curves[method] = [curve_point([done[(f"{method} {best}", s, step)] for s in runs], step) for step in steps]
     target = None
@@ -312,7 +349,7 @@ def write_table(args, league, done, base, data_info, paired_difference):
         "to reach Diffusion-DPO's best |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, (best, runs, a, sweep) in league.items():
+    for method, (best, runs, a, sweep, _) in league.items():
         points = curves[method]
         final = points[-1]
         new = [x for s in runs for x in done[(f"{method} {best}", s, a.max_train_steps)]["passed"]]
@@ -336,19 +373,7 @@ def write_table(args, league, done, base, data_info, paired_difference):
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write(text + "\n")
     if curves:
-        fig, axes = new_figure(1, 2, panel_size=(5.6, 4.2))
-        base_point = curve_point([base], 0)
-        for ax, (key, label) in zip(axes[0], [("unet", "UNet forward-equivalents, data included"),
-                                              ("seconds", "seconds on one thread, data included")]):  # fmt: skip
-            accuracy_panel(ax, curves, base_point, key, label)
-            ax.set_xscale("symlog", linthresh=1e3 if key == "unet" else 10)
-            ax.set_title(f"against {label.split(',')[0]}", fontsize=10)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right center", fontsize=8)
-        fig.suptitle("Held-out accuracy of every method at its best setting", fontsize=11)
-        fig.supxlabel(f"lines: mean over seeds {args.seeds}; dots: each seed; bands: 95% Wilson interval of the "
-                      "samples pooled over seeds; x from the base at 0", fontsize=8)  # fmt: skip
-        save(fig, os.path.join(args.output_dir, "curves.png"))
+        plot(args, curves, starts, base)
     print(f"wrote {args.output_dir}/table.md, curves.png")
 
 
