@@ -38,7 +38,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
-from benchmarks.shapes_objectives import curve_point, load_results  # noqa: E402
+from benchmarks.shapes_objectives import curve_point, forward_equivalents, load_results  # noqa: E402
 
 
 LORA = ["--rank", "8", "--lora_target_modules", "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2"]
@@ -170,14 +170,17 @@ def make_data(args, pipe):
     return {"train_inversion_dpo.py": pairs, "train_spo.py": prompts}, info
 
 
-def build_cache(args, data, info):
+def build_cache(args, data):
     """The per-step margin's reference-side cache, built once (by the trainer, ``--inversion_cache_only``) and shared by
     every run of that method: its seconds, and its UNet rows (per pair and stored flip, both images: the inversion's
-    N steps, twice under inversion guidance, and the reference's prediction at each stored step)."""
+    N steps, twice under inversion guidance, and the reference's prediction at each stored step). None when it is
+    not built yet and ``--table_only`` says to build nothing."""
     path = os.path.join(args.output_dir, "inversion_cache.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    if args.table_only:
+        return None
     trainer, flags = method_flags(args, "inversion_dpo:per_step", "")
     log_path = os.path.join(args.output_dir, "inversion_cache.log")
     start = time.perf_counter()
@@ -207,7 +210,7 @@ def compute_by_step(run_dir, trainer, pairs_per_step, start):
             if trainer == "train_spo.py":
                 rows = 3 * r["unet_grad_evals"] + r["unet_evals"]
             else:
-                rows = pairs_per_step * (3 * r["unet_grad_evals_per_pair"] + r["unet_evals_per_pair"])
+                rows = pairs_per_step * forward_equivalents(r)
             seconds, evals = seconds + r["step_seconds"], evals + rows
             out[r["step"]] = (seconds, evals)
     return out
@@ -242,12 +245,9 @@ def main(args):
 
     base = evaluate(("base", 0, 0))
     first, others = args.seeds[0], args.seeds[1:]
-    league = {}  # method -> (setting, {seed: run_dir})
+    league = {}  # method -> (best setting, {seed: run_dir}, its parsed flags, {setting: sweep accuracy}, data's cost)
     for method in args.methods:
-        trainer = METHODS[method][0]
-        cache = None
-        if method == "inversion_dpo:per_step" and not args.table_only:
-            cache = build_cache(args, data, data_info)
+        cache = build_cache(args, data) if method == "inversion_dpo:per_step" else None
         # the sweep: each candidate's final adapter, first seed
         sweep = {}
         for setting in SWEEP[method]:
@@ -271,9 +271,6 @@ def main(args):
         trainer, flags = method_flags(args, method, best)
         a = parsed(trainer, flags)
         start = (0.0, 0.0) if trainer == "train_spo.py" else (data_info["seconds"], data_info["unet_rows"])
-        if cache is None and method == "inversion_dpo:per_step":
-            with open(os.path.join(args.output_dir, "inversion_cache.json")) as f:
-                cache = json.load(f)
         if cache is not None:
             start = (start[0] + cache["seconds"], start[1] + cache["unet_rows"])
         for seed, run_dir in runs.items():
