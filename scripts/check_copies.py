@@ -8,7 +8,8 @@ A top-level function, class or assignment (or a method) that stands right below 
 
 must read exactly as the original named there (a top-level name, or ``Class.method``, of the file ``<module>.py``
 beside the copy, or ``<package>/<module>.py`` for a dotted module such as ``evaluation.scorers``), after the renames
-``A->B`` (plain text replacements, applied in order). The scripts are single
+``A->B`` (plain text replacements, applied in order, then formatted with ``ruff format`` as the file is). The
+scripts are single
 files a user can copy out of the repository, so what they share is copied, and this check keeps the copies from
 drifting apart.
 
@@ -24,7 +25,9 @@ import difflib
 import glob
 import os
 import re
+import subprocess
 import sys
+import textwrap
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 
@@ -46,7 +49,8 @@ def parse_renames(text: Optional[str], where: str) -> List[Tuple[str, str]]:
     if not text:
         return []
     renames = []
-    for part in text.split(","):
+    # a comma starts the next rename only where one follows (``A->B(x, y), C->D``): a replacement may hold commas
+    for part in re.split(r",(?=[^,]*->)", text):
         if "->" not in part:
             raise SystemExit(f"error: {where}: rename '{part.strip()}' is not of the form A->B")
         old, new = part.split("->", 1)
@@ -142,6 +146,8 @@ def original_text(copy: Copy) -> List[str]:
     text = "".join(lines[start:end])
     for old, new in copy.renames:
         text = text.replace(old, new)
+    if copy.renames:
+        text = formatted(text, copy.path)
     out = text.splitlines(keepends=True)
     # a method copied to the top level or the other way: shift by the difference of the first lines' indentation
     copy_first = _read(copy.path)[0][copy.start]
@@ -151,6 +157,23 @@ def original_text(copy: Copy) -> List[str]:
     elif shift < 0:
         out = [line[-shift:] if line[:-shift].strip() == "" else line for line in out]
     return out
+
+
+def formatted(text: str, path: str) -> str:
+    """``text`` as ``ruff format`` writes it (with the repository's settings): a rename can change a line's length, and
+    the copy is kept formatted as the rest of its file. Unchanged where ruff is not installed."""
+    indent = text[: len(text) - len(text.lstrip(" "))]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "ruff", "format", "--stdin-filename", path, "-"],
+            input=textwrap.dedent(text),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return text
+    return textwrap.indent(done.stdout, indent) if indent else done.stdout
 
 
 def check(paths: List[str], fix: bool) -> List[str]:

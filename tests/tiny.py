@@ -207,6 +207,78 @@ def save_tiny_sdxl(path: str, seed: int = 0, **kwargs) -> str:
     return path
 
 
+def t5_char_tokenizer(max_length: int = 32):
+    """A T5 tokenizer (a Unigram model over printable characters), built in code as ``char_tokenizer`` is."""
+    from tokenizers import Tokenizer, models
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(i), -1.0) for i in range(32, 127)]
+    return T5TokenizerFast(
+        tokenizer_object=Tokenizer(models.Unigram(pieces, unk_id=2)),
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+
+
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, t5: bool = True, dual_attention: bool = True, shift=3.0):
+    """A ~100 k parameter (transformer) StableDiffusion3Pipeline with SD3's wiring: two CLIP encoders with
+    projections (the pooled projection is their two 32-wide projections side by side, 64), a tiny T5 whose width (32)
+    is the joint attention's, as T5-XXL's 4096 is SD3's (``t5=False`` leaves it out, as ``text_encoder_3=None``
+    does; such a folder loads with ``text_encoder_3=None, tokenizer_3=None``), an MMDiT with SD3.5's second
+    attention in its first block (``dual_attention``), a 4-channel VAE with a shift and a scale, and the
+    flow-matching Euler scheduler (shift 3). Images are twice the latent size; the transformer's patch is 2, so
+    latents must be even-sized."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = char_tokenizer(), char_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+    tokenizer_3 = text_encoder_3 = None
+    if t5:
+        tokenizer_3 = t5_char_tokenizer()
+        text_encoder_3 = T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        )  # fmt: skip
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,) if dual_attention else (),
+    )
+    vae = tiny_vae(sample_size, scaling_factor=1.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def save_tiny_sd3(path: str, seed: int = 0, **kwargs) -> str:
+    tiny_sd3_pipeline(seed, **kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reward-model stand-ins for evaluate.py: the real architectures (CLIP, BLIP) at toy sizes, saved like the real ones
 
