@@ -1921,8 +1921,8 @@ def load_config_of(cls, model, subfolder, revision=None) -> dict:
 
 def encode_prompt(prompts: List[str], tokenizers, text_encoders, max_sequence_length: int, t5_width: int):
     """As ``StableDiffusion3Pipeline.encode_prompt`` (no clip skip): ``([B, 77 + L, D], [B, P])``, the CLIP
-    penultimate states side by side and zero-padded to ``t5_width``, then T5's ``max_sequence_length`` states (77
-    zero rows without T5, as the pipeline); the two pooled projections side by side."""
+    penultimate states side by side and zero-padded to ``t5_width``, then T5's ``max_sequence_length`` states (as
+    many zero rows without T5, as the pipeline); the two pooled projections side by side."""
     states, pooled = [], []
     for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2]):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -1933,7 +1933,7 @@ def encode_prompt(prompts: List[str], tokenizers, text_encoders, max_sequence_le
     clip = torch.cat(states, dim=-1)
     clip = F.pad(clip, (0, t5_width - clip.shape[-1]))
     if tokenizers[2] is None:
-        t5 = clip.new_zeros(len(prompts), tokenizers[0].model_max_length, t5_width)
+        t5 = clip.new_zeros(len(prompts), max_sequence_length, t5_width)
     else:
         ids = tokenizers[2](prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids  # fmt: skip
@@ -2770,7 +2770,8 @@ def lora_state_dict_of(transformer):
 def load_lora_into_adapter(transformer, folder):
     """Loads a saved LoRA into the transformer's existing "default" adapter (not a second one, the diffusers DPO example's
     resume bug)."""
-    state_dict, _ = PIPELINE_CLASS.lora_state_dict(folder, weight_name=LORA_FILE)
+    # [0]: the state dict, whatever the pipeline's loader returns beside it (SD and SDXL: alphas; SD3: nothing)
+    state_dict = PIPELINE_CLASS.lora_state_dict(folder, weight_name=LORA_FILE, return_lora_metadata=True)[0]
     transformer_state = convert_transformer_state_dict_to_peft(
         {k[len("transformer.") :]: v for k, v in state_dict.items() if k.startswith("transformer.")}
     )

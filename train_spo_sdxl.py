@@ -1977,7 +1977,8 @@ def lora_state_dict_of(unet):
 def load_lora_into_adapter(unet, folder):
     """Loads a saved LoRA into the unet's existing "default" adapter (not a second one, the diffusers DPO example's
     resume bug)."""
-    state_dict, _ = PIPELINE_CLASS.lora_state_dict(folder, weight_name=LORA_FILE)
+    # [0]: the state dict, whatever the pipeline's loader returns beside it (SD and SDXL: alphas; SD3: nothing)
+    state_dict = PIPELINE_CLASS.lora_state_dict(folder, weight_name=LORA_FILE, return_lora_metadata=True)[0]
     unet_state = convert_unet_state_dict_to_peft(
         {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
     )
