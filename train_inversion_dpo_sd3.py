@@ -509,6 +509,16 @@ DEFAULT_BETA = 5000.0
 
 # what the flags mean in flow space, where it differs from the SD trainer's help text
 FLOW_HELP = {
+    "resolution": "Square training size in pixels (a multiple of 16: the VAE's 8 times the transformer's patch 2): "
+    "the shorter side is resized to it, then cropped.",
+    "objective": "inversion_dpo: DPO on the reference's Euler inversion of each image (the paper's, in flow space); "
+    "diffusion_dpo: Flow-DPO, DPO at one noised level per pair on velocity errors; inpo: DDIM-InPO carried to flow, "
+    "on a coarse inversion grid; sft: flow matching on the winners alone.",
+    "lora_target_modules": "Comma-separated transformer module names (peft suffix match) that get LoRA: by default "
+    "the joint attention's projections of both streams, image (to_q, to_k, to_v, to_out.0) and caption (add_q_proj, "
+    "add_k_proj, add_v_proj, to_add_out), SD3.5's second attention (attn2) included; add e.g. ff.net.0.proj,ff.net.2 "
+    "for the feed-forward layers.",
+    "validation_num_inference_steps": "Flow-matching Euler steps of the validation samples.",
     "beta_dpo": "beta of the preference link, on errors that are means over the latent's elements of the squared "
     "velocity error (beta/2 inside the sigmoid, as the SD trainers).",
     "inversion_steps": "N, the Euler inversion grid of inversion_dpo: the model's own N-step sampling grid of "

@@ -32,6 +32,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "pyproject.toml")  # ruff's settings, for the renamed copies
 MARKER = re.compile(r"^(\s*)# Copied from ([\w.]+)(?: with (.+))?\s*$")
 
 
@@ -160,12 +161,12 @@ def original_text(copy: Copy) -> List[str]:
 
 
 def formatted(text: str, path: str) -> str:
-    """``text`` as ``ruff format`` writes it (with the repository's settings): a rename can change a line's length, and
+    """``text`` as ``ruff format`` writes it (with the repository's settings, wherever the file is): a rename can change a line's length, and
     the copy is kept formatted as the rest of its file. Unchanged where ruff is not installed."""
     indent = text[: len(text) - len(text.lstrip(" "))]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "ruff", "format", "--stdin-filename", path, "-"],
+            [sys.executable, "-m", "ruff", "format", "--config", CONFIG, "--stdin-filename", path, "-"],
             input=textwrap.dedent(text),
             capture_output=True,
             text=True,

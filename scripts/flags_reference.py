@@ -4,8 +4,8 @@
     python scripts/flags_reference.py          # rewrites docs/flags.md
     python scripts/flags_reference.py --check  # exits 1 when docs/flags.md is not what the parsers say
 
-For the trainers a table per argument group (flag, default, help); for the SDXL trainer only what differs from the
-SD one; a table for each of evaluate.py, demo.py and scripts/convert_scorer_weights.py (one per subcommand).
+For the trainers a table per argument group (flag, default, help); for the SDXL and SD3 trainers only what differs
+from the SD one; a table for each of evaluate.py, demo.py and scripts/convert_scorer_weights.py (one per subcommand).
 """
 
 import argparse
@@ -28,6 +28,7 @@ SCRIPTS = [
     ("train_inversion_dpo_sdxl.py", "accelerate launch train_inversion_dpo_sdxl.py"),
     ("train_spo.py", "accelerate launch train_spo.py"),
     ("train_spo_sdxl.py", "accelerate launch train_spo_sdxl.py"),
+    ("train_inversion_dpo_sd3.py", "accelerate launch train_inversion_dpo_sd3.py"),
     ("evaluate.py", "python evaluate.py"),
     ("demo.py", "python demo.py"),
     ("scripts/convert_scorer_weights.py", "python scripts/convert_scorer_weights.py"),
@@ -197,9 +198,10 @@ def render() -> str:
     lines += [f"- [{script}](#{anchor(script)})" for script, _ in SCRIPTS] + [""]
     for script, command in SCRIPTS:
         reference = None
-        if script.endswith("_sdxl.py"):
-            original = script.replace("_sdxl.py", ".py")
-            reference = (original, parsers[original])
+        for suffix in ("_sdxl.py", "_sd3.py"):
+            if script.endswith(suffix):
+                original = script.replace(suffix, ".py")
+                reference = (original, parsers[original])
         lines += section(script, command, parsers[script], reference)
     return "\n".join(lines).rstrip("\n") + "\n"
 

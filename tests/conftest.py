@@ -62,6 +62,15 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny randomly initialised Stable Diffusion 3 (three text encoders, SD3.5's second attention) saved as a
+    diffusers folder (loads like a Hub model)."""
+    from tests.tiny import save_tiny_sd3
+
+    return save_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
 def shapes_pairs(tmp_path_factory):
     """A few pairs sampled from the committed shapes base (4 prompts x 3 samples, 4 DDIM steps), for the benchmarks."""
     from shapes import sampling

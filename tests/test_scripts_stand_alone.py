@@ -13,7 +13,13 @@ from conftest import REPO
 from script_runner import QUICK, cpu_launch_command, env, metrics
 
 
-TRAINERS = ["train_inversion_dpo.py", "train_inversion_dpo_sdxl.py", "train_spo.py", "train_spo_sdxl.py"]
+TRAINERS = [
+    "train_inversion_dpo.py",
+    "train_inversion_dpo_sdxl.py",
+    "train_spo.py",
+    "train_spo_sdxl.py",
+    "train_inversion_dpo_sd3.py",
+]
 CHECK_COPIES = os.path.join(REPO, "scripts", "check_copies.py")
 
 
@@ -48,7 +54,9 @@ def test_a_trainer_imports_installed_packages_only(script):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, model", [(TRAINERS[0], "tiny_sd_dir"), (TRAINERS[1], "tiny_sdxl_dir")])
+@pytest.mark.parametrize(
+    "script, model", [(TRAINERS[0], "tiny_sd_dir"), (TRAINERS[1], "tiny_sdxl_dir"), (TRAINERS[4], "tiny_sd3_dir")]
+)
 def test_a_trainer_copied_alone_into_an_empty_folder_trains_from_elsewhere(
     script, model, tiny_pairs_parquet, tmp_path, request
 ):
@@ -116,3 +124,24 @@ def test_a_marker_that_names_nothing_is_an_error(tmp_path):
     copy.write_text("# Copied from train_inversion_dpo.no_such_function\ndef f():\n    pass\n")
     proc = run_check(str(copy))
     assert proc.returncode != 0 and "train_inversion_dpo.py has no top-level no_such_function" in proc.stderr
+
+
+def test_a_renamed_copy_is_compared_as_ruff_formats_it(tmp_path):
+    # the SD3 script's main is the SD main with unet->transformer (longer lines, which ruff re-wraps) and a rename
+    # whose replacement holds a comma; a drift in it is found, and --fix writes it back formatted
+    for name in ("train_inversion_dpo.py", "train_inversion_dpo_sd3.py", "pipeline_inversion_sd3.py"):
+        shutil.copy(os.path.join(REPO, name), tmp_path)
+    sd3 = tmp_path / "train_inversion_dpo_sd3.py"
+    original = sd3.read_text()
+    assert "with unet->transformer, UNet->Transformer, load_text_encoders(args->load_text_encoders(pairs, args\n" in (
+        original
+    )
+    assert "            images = validate(\n                args, accelerator, text, vae, final_transformer" in original
+    drifted = original.replace("    text = load_text_encoders(pairs, args, device, weight_dtype)\n",
+                               "    text = load_text_encoders(pairs, args, device, torch.float32)\n", 1)  # fmt: skip
+    assert drifted != original
+    sd3.write_text(drifted)
+    proc = run_check(str(sd3))
+    assert proc.returncode == 1 and "main differs from train_inversion_dpo.main" in proc.stderr
+    assert run_check(str(sd3), "--fix").returncode == 0
+    assert sd3.read_text() == original

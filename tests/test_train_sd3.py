@@ -15,13 +15,6 @@ SCRIPT = "train_inversion_dpo_sd3.py"
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory):
-    from tests.tiny import save_tiny_sd3
-
-    return save_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
-
-
-@pytest.fixture(scope="module")
 def sd3(tiny_sd3_dir):
     from diffusers import StableDiffusion3Pipeline
 
