@@ -136,7 +136,9 @@ def test_a_renamed_copy_is_compared_as_ruff_formats_it(tmp_path):
     assert "with unet->transformer, UNet->Transformer, load_text_encoders(args->load_text_encoders(pairs, args\n" in (
         original
     )
-    assert "            images = validate(\n                args, accelerator, text, vae, final_transformer" in original
+    assert (
+        "            images = validate(\n                args, accelerator, text, vae, final_transformer" in original
+    )
     drifted = original.replace("    text = load_text_encoders(pairs, args, device, weight_dtype)\n",
                                "    text = load_text_encoders(pairs, args, device, torch.float32)\n", 1)  # fmt: skip
     assert drifted != original
