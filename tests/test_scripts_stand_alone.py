@@ -133,14 +133,15 @@ def test_a_renamed_copy_is_compared_as_ruff_formats_it(tmp_path):
         shutil.copy(os.path.join(REPO, name), tmp_path)
     sd3 = tmp_path / "train_inversion_dpo_sd3.py"
     original = sd3.read_text()
-    assert "with unet->transformer, UNet->Transformer, load_text_encoders(args->load_text_encoders(pairs, args\n" in (
-        original
+    assert (
+        "with unet->transformer, UNet->Transformer, load_text_encoders(args->load_text_encoders(pairs, transformer, args\n"
+        in (original)
     )
     assert (
         "            images = validate(\n                args, accelerator, text, vae, final_transformer" in original
     )
-    drifted = original.replace("    text = load_text_encoders(pairs, args, device, weight_dtype)\n",
-                               "    text = load_text_encoders(pairs, args, device, torch.float32)\n", 1)  # fmt: skip
+    drifted = original.replace("    text = load_text_encoders(pairs, transformer, args, device, weight_dtype)\n",
+                               "    text = load_text_encoders(pairs, transformer, args, device, torch.float32)\n", 1)  # fmt: skip
     assert drifted != original
     sd3.write_text(drifted)
     proc = run_check(str(sd3))
