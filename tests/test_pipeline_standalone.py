@@ -1,4 +1,4 @@
-"""The two pipelines as users get them: each file alone, loaded by diffusers from a fresh modules cache in a process
+"""The pipelines as users get them: each file alone, loaded by diffusers from a fresh modules cache in a process
 that cannot import anything of this repository, in each form ``custom_pipeline=`` takes; and the rules that make
 that possible (what the files import, one pipeline class each, component types diffusers can check).
 
@@ -20,14 +20,23 @@ import subprocess
 import sys
 
 import pytest
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.dynamic_modules_utils import find_pipeline_class, get_relative_imports
+
+from tests.tiny import save_tiny_sd3
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# kind: (file, class, parent, the scheduler the loaded pipeline samples and inverts with)
 PIPELINES = {
-    "sd": ("pipeline_inversion.py", "InversionPipeline", StableDiffusionPipeline),
-    "sdxl": ("pipeline_inversion_sdxl.py", "InversionXLPipeline", StableDiffusionXLPipeline),
+    "sd": ("pipeline_inversion.py", "InversionPipeline", StableDiffusionPipeline, "DDIMScheduler"),
+    "sdxl": ("pipeline_inversion_sdxl.py", "InversionXLPipeline", StableDiffusionXLPipeline, "DDIMScheduler"),
+    "sd3": (
+        "pipeline_inversion_sd3.py",
+        "InversionSD3Pipeline",
+        StableDiffusion3Pipeline,
+        "FlowMatchEulerDiscreteScheduler",
+    ),
 }
 ALLOWED_PACKAGES = {"torch", "diffusers", "numpy", "PIL"}
 FORMS = ["file", "folder", "hub", "from_pipe"]
@@ -35,8 +44,9 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 STEPS = 10
 
 # Run as `python -c LOADER <json>` in a folder of its own: loads the pipeline in each form the way a user does, makes
-# its noise prediction a known constant (the UNet's last layer outputs its bias alone), inverts two images and samples
-# them back with the same steps and guidance, which with a constant eps is exact to float precision.
+# its prediction (noise, or SD3's velocity) a known constant per channel (the last layer, the UNet's `conv_out` or the
+# transformer's `proj_out`, outputs its bias alone), inverts two images and samples them back with the same steps and
+# guidance, which with a constant prediction is exact to float precision.
 LOADER = r"""
 import importlib.util, inspect, json, logging, os, sys, traceback
 
@@ -69,11 +79,17 @@ class Keep(logging.Handler):
 logging.getLogger("diffusers").addHandler(Keep(logging.WARNING))
 
 
+def denoiser(pipe):
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+
+
 def reconstruct(pipe):
     pipe.set_progress_bar_config(disable=True)
     c = torch.randn(4, generator=torch.Generator().manual_seed(0)) * 0.5
-    pipe.unet.conv_out.weight.data.zero_()
-    pipe.unet.conv_out.bias.data.copy_(c)
+    last = pipe.transformer.proj_out if hasattr(pipe, "transformer") else pipe.unet.conv_out
+    last.weight.data.zero_()
+    # the transformer's proj_out emits each patch as (row, column, channel), channel fastest: c once per pixel
+    last.bias.data.copy_(c.repeat(last.bias.numel() // c.numel()))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
     prompts = ["a red square", "a blue circle"]
@@ -98,7 +114,7 @@ for form, custom_pipeline in args["forms"].items():
             stock = DiffusionPipeline.from_pretrained(args["model"])
             pipe = DiffusionPipeline.from_pipe(stock, custom_pipeline=custom_pipeline, trust_remote_code=True)
             result["stock"] = type(stock).__name__
-            result["shares_unet"] = pipe.unet is stock.unet
+            result["shares_denoiser"] = denoiser(pipe) is denoiser(stock)
         else:
             pipe = DiffusionPipeline.from_pretrained(
                 args["model"], custom_pipeline=custom_pipeline, trust_remote_code=True
@@ -119,6 +135,12 @@ files = {m.__file__ for m in list(sys.modules.values()) if isinstance(getattr(m,
 files = {os.path.realpath(f) for f in files if os.path.isabs(f)}
 print("IMPORTED " + json.dumps(sorted(f for f in files if not f.startswith(installed))))
 """
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory):
+    """The tiny SD3 saved as a diffusers folder (the ``tiny_<kind>_dir`` that ``loaded`` asks for)."""
+    return save_tiny_sd3(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
 
 
 def clean_env(tmp):
@@ -161,7 +183,7 @@ def loaded(request, tmp_path_factory):
     ``{"kind", "results": {form: result}, "imported": [files outside the installed packages], "modules_cache",
     "repo_id", "stderr"}``."""
     kind = request.param
-    file_name, _, _ = PIPELINES[kind]
+    file_name = PIPELINES[kind][0]
     model = request.getfixturevalue(f"tiny_{kind}_dir")
     tmp = tmp_path_factory.mktemp(f"standalone-{kind}")
 
@@ -228,11 +250,11 @@ def expected_module_file(loaded, form):
 def check_form(loaded, form):
     result = loaded["results"][form]
     assert "traceback" not in result, result["traceback"] + loaded["stderr"]
-    _, class_name, parent = PIPELINES[loaded["kind"]]
+    _, class_name, parent, scheduler = PIPELINES[loaded["kind"]]
     assert result["class"] == class_name and parent.__name__ in result["mro"]
     assert os.path.realpath(result["file"]) == expected_module_file(loaded, form)
-    # `__init__` swapped the model's own scheduler (SDXL ships Euler) for DDIM, the inversion's own sampler
-    assert result["scheduler"] == "DDIMScheduler"
+    # the inversion's own sampler: `__init__` swapped SDXL's Euler for DDIM; SD3's flow-matching Euler stays
+    assert result["scheduler"] == scheduler
     assert result["moved"] > 0.5  # the inversion did go somewhere
     assert result["error"] <= 1e-5, result  # and the same DDIM came back to z0
     # diffusers compared each component with the `__init__` annotations and found them the expected classes
@@ -264,7 +286,7 @@ def test_pipeline_file_imports_only_installed_packages(kind):
 
 @pytest.mark.parametrize("kind", sorted(PIPELINES))
 def test_pipeline_file_holds_exactly_one_pipeline_class_with_its_parents_component_types(kind):
-    file_name, class_name, parent = PIPELINES[kind]
+    file_name, class_name, parent, _ = PIPELINES[kind]
     spec = importlib.util.spec_from_file_location(f"standalone_{kind}", os.path.join(REPO, file_name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -298,7 +320,7 @@ def test_loads_alone_and_reconstructs(loaded, form):
     check_form(loaded, form)
     if form == "from_pipe":
         result = loaded["results"][form]
-        assert result["shares_unet"] and result["stock"] == PIPELINES[loaded["kind"]][2].__name__
+        assert result["shares_denoiser"] and result["stock"] == PIPELINES[loaded["kind"]][2].__name__
 
 
 @pytest.mark.slow

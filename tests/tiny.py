@@ -243,7 +243,7 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, t5: bool = True, dual
     if t5:
         tokenizer_3 = t5_char_tokenizer()
         text_encoder_3 = T5EncoderModel(
-            T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+            T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, dropout_rate=0.0,
                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         )  # fmt: skip
     transformer = SD3Transformer2DModel(
