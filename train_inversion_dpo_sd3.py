@@ -35,6 +35,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -1853,16 +1854,64 @@ def training_loss(objective: str, policy, reference, z0, cond, null_cond, cfg, i
 #    scripts share.
 
 
+class CaptionTable:
+    """caption -> (``[L, D]`` embeddings, ``[P]`` pooled), kept on disk: safetensors shards of ``TEXT_SHARD`` captions
+    in a temporary folder (removed with the table), read back a row at a time. At ``--max_sequence_length 77`` a
+    caption's bf16 embeddings are 1.3 MB, so a dataset's 20,000 distinct captions would hold 25 GB of RAM."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="sd3-text-embeddings-")
+        self.index: Dict[str, Tuple[int, int]] = {}
+        self.num_bytes, self._shards, self._pending = 0, 0, []
+        self._open: Dict[int, object] = {}
+
+    def add(self, captions: List[str], embeds: torch.Tensor, pooled: torch.Tensor):
+        self._pending += list(zip(captions, embeds.cpu(), pooled.cpu()))
+        while len(self._pending) >= TEXT_SHARD:
+            self._write(self._pending[:TEXT_SHARD])
+            self._pending = self._pending[TEXT_SHARD:]
+
+    def close(self):
+        """Writes what is pending: the table is complete."""
+        if self._pending:
+            self._write(self._pending)
+            self._pending = []
+
+    def _write(self, rows):
+        tensors = {"embeds": torch.stack([e for _, e, _ in rows]), "pooled": torch.stack([p for _, _, p in rows])}
+        save_file(tensors, self._path(self._shards))
+        for row, (caption, _, _) in enumerate(rows):
+            self.index[caption] = (self._shards, row)
+        self.num_bytes += sum(v.nbytes for v in tensors.values())
+        self._shards += 1
+
+    def _path(self, shard: int) -> str:
+        return os.path.join(self._folder.name, f"shard-{shard:05d}.safetensors")
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, caption: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        shard, row = self.index[caption]
+        if shard not in self._open:
+            self._open[shard] = safe_open(self._path(shard), framework="pt")
+        handle = self._open[shard]
+        return handle.get_slice("embeds")[row], handle.get_slice("pooled")[row]
+
+
 class TextEncoders(NamedTuple):
     """SD3's text side, as ``StableDiffusion3Pipeline.encode_prompt`` computes it: CLIP-L and CLIP-G (penultimate
     hidden states side by side, zero-padded to T5's width, and their pooled projections side by side) and T5-XXL
     (last hidden states; zeros without it), the caption tokens first. The embeddings of every caption the run needs
-    are computed once, before training, and kept on the CPU (``table``); the encoders are then let go: T5-XXL alone
-    is 4.7 B parameters, more than SD3.5-medium's transformer."""
+    are computed once, before training, and kept on disk (``CaptionTable``); the encoders are then let go: T5-XXL
+    alone is 4.7 B parameters, more than SD3.5-medium's transformer."""
 
     tokenizers: list  # CLIP-L, CLIP-G, T5 (None without it)
     encoders: list  # the encoders still loaded (none once the table is complete)
-    table: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # caption -> ([L, D] embeddings, [P] pooled), CPU
+    table: CaptionTable
     max_sequence_length: int
     device: torch.device  # where looked-up embeddings go
 
@@ -1870,8 +1919,9 @@ class TextEncoders(NamedTuple):
         missing = [p for p in prompts if p not in self.table]
         if missing:
             raise KeyError(f"caption {missing[0]!r} was not encoded before training")
-        embeds = torch.stack([self.table[p][0] for p in prompts]).to(self.device)
-        pooled = torch.stack([self.table[p][1] for p in prompts]).to(self.device)
+        rows = [self.table.get(p) for p in prompts]
+        embeds = torch.stack([e for e, _ in rows]).to(self.device)
+        pooled = torch.stack([p for _, p in rows]).to(self.device)
         return embeds, pooled
 
 
@@ -1905,15 +1955,15 @@ def load_text_encoders(pairs, transformer, args, device, weight_dtype) -> TextEn
         encoder.to(device, dtype=weight_dtype)
     captions = [""] + (args.validation_prompts or []) + probe_batch(args.resolution)["captions"]
     captions = list(dict.fromkeys(captions + dataset_captions(pairs)))
-    table = {}
+    table = CaptionTable()
     with torch.no_grad():
         for start in range(0, len(captions), TEXT_BATCH):
             chunk = captions[start : start + TEXT_BATCH]
-            embeds, pooled = encode_prompt(chunk, tokenizers, encoders, args.max_sequence_length, t5_width)
-            for caption, e, p in zip(chunk, embeds.cpu(), pooled.cpu()):
-                table[caption] = (e, p)
-    size = sum(e.nbytes + p.nbytes for e, p in table.values())
-    logger.info(f"text embeddings: {plural(len(table), 'caption')}, {_size(size)} on the CPU; encoders released")
+            table.add(chunk, *encode_prompt(chunk, tokenizers, encoders, args.max_sequence_length, t5_width))
+    table.close()
+    logger.info(
+        f"text embeddings: {plural(len(table), 'caption')}, {_size(table.num_bytes)} on disk; encoders released"
+    )
     encoders.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -1922,6 +1972,7 @@ def load_text_encoders(pairs, transformer, args, device, weight_dtype) -> TextEn
 
 
 TEXT_BATCH = 16  # captions per text-encoder call while the table is built
+TEXT_SHARD = 256  # captions per file of the table
 
 
 def load_config_of(cls, model, subfolder, revision=None) -> dict:
@@ -1965,7 +2016,7 @@ def pair_conditioning(batch, text: TextEncoders, resolution: int):
 
 def null_conditioning(cond, text: TextEncoders):
     """The null conditioning of ``cond``'s rows, the empty prompt's embeddings (runs from the cache need it too)."""
-    embeds, pooled = text.table[""]
+    embeds, pooled = text.table.get("")
     device = cond["encoder_hidden_states"].device
     return {
         "encoder_hidden_states": embeds.to(device)[None].expand_as(cond["encoder_hidden_states"]),
@@ -2084,10 +2135,10 @@ def encode_latents(vae, pixel_values):
 
 def objective_config(args, noise_scheduler, device) -> ObjectiveConfig:
     def grid(n):
-        found = flow_grid(FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config), n, device, mu=mu)
+        found = flow_grid(FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config), n, "cpu", mu=mu)
         if not bool((found.timesteps > 0).all()):  # the x0 target divides by each level's sigma
             raise InputError(f"the model's {n}-step grid has a level at sigma 0 above the clean one")
-        return found
+        return FlowGrid(*(v.to(device) for v in found))
 
     mu = None
     if noise_scheduler.config.get("use_dynamic_shifting"):

@@ -30,7 +30,12 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        returns = func._schema.returns
+        results = out if len(returns) > 1 else (out,)
+        # a return that aliases an input (a view: nn.Linear's transpose of its weight; an in-place op's result)
+        # allocates nothing: counting its storage would count a weight from before the block for as long as it lives
+        fresh = [r for spec, r in zip(returns, results) if spec.alias_info is None]
+        for t in tree_flatten(fresh)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 if storage not in self._seen:

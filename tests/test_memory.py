@@ -32,3 +32,16 @@ def test_meta_tensors_and_autograd_count():
         y = torch.zeros(64, 1024, device="meta")
         out = [(y @ w).sin() for _ in range(4)]  # four graphs held at once: four times the saved activations
     assert held.peak >= 4 * 2 * 64 * 1024 * 4 and len(out) == 4
+
+
+def test_weights_from_before_the_block_are_not_counted_when_an_op_reads_them():
+    # nn.Linear reads its weight through a transposed view, an in-place op returns its input: neither allocates
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            linear = torch.nn.Linear(512, 512)  # 1 MB of float32 weight, made before the block
+        x = torch.zeros(2, 512, device=device)
+        with torch.no_grad(), PeakTensorMemory() as m:
+            y = linear(x)  # 4 KB out
+            y.mul_(2)
+            linear.weight.add_(1)
+        assert m.peak == 2 * 512 * 4, device

@@ -184,3 +184,31 @@ def test_training_from_the_cache_equals_recomputing(tiny_sd3_dir, tiny_pairs_par
     a, b = lora(str(tmp_path / "plain")), lora(str(tmp_path / "cached"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_the_caption_table_is_on_disk_and_reads_back_what_was_written(monkeypatch):
+    import gc
+
+    import train_inversion_dpo_sd3 as trainer
+
+    monkeypatch.setattr(trainer, "TEXT_SHARD", 4)
+    table = trainer.CaptionTable()
+    captions = [f"caption {i}" for i in range(10)]
+    embeds, pooled = torch.randn(10, 6, 8, dtype=torch.bfloat16), torch.randn(10, 5, dtype=torch.bfloat16)
+    table.add(captions[:7], embeds[:7], pooled[:7])
+    table.add(captions[7:], embeds[7:], pooled[7:])
+    table.close()
+    folder = table._folder.name
+    assert len(table) == 10 and sorted(os.listdir(folder)) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    for i, caption in enumerate(captions):
+        e, p = table.get(caption)
+        assert torch.equal(e, embeds[i]) and torch.equal(p, pooled[i])
+    assert "another" not in table
+    text = trainer.TextEncoders([], [], table, 16, torch.device("cpu"))
+    got, got_pooled = text.lookup(["caption 3", "caption 9", "caption 3"])
+    assert torch.equal(got, embeds[[3, 9, 3]]) and torch.equal(got_pooled, pooled[[3, 9, 3]])
+    with pytest.raises(KeyError, match="was not encoded"):
+        text.lookup(["another"])
+    del table, text
+    gc.collect()
+    assert not os.path.exists(folder)  # the files go with the table
