@@ -76,3 +76,30 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in out and "requirements-test.txt" in out
     ci = open(os.path.join(REPO, ".ci", "run")).read()
     assert "test-command" in ci and re.search(r'bash -c "\$cmd"', ci)
+
+
+def readme_training_commands():
+    """Every complete ``accelerate launch train_*.py ...`` command of the README's bash blocks, as argument lists."""
+    import shlex
+
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for command in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(command)
+            scripts = [w for w in words if re.fullmatch(r"train_\w+\.py", w)]
+            # "<flags>" and "..." mark a command that shows a few flags of one above
+            if words[:2] == ["accelerate", "launch"] and scripts and "<" not in command and "..." not in words:
+                commands.append((scripts[0], words[words.index(scripts[0]) + 1 :]))
+    return commands
+
+
+def test_the_readmes_training_commands_parse():
+    # a renamed or mistyped flag in a quick start fails here, not on a user's GPU
+    commands = readme_training_commands()
+    assert {script for script, _ in commands} >= {
+        "train_inversion_dpo.py", "train_inversion_dpo_sdxl.py", "train_inversion_dpo_sd3.py", "train_spo.py",
+    }  # fmt: skip
+    for script, args in commands:
+        importlib.import_module(script[:-3]).parse_args(args)
