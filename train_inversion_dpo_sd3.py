@@ -3334,35 +3334,38 @@ def adapter_repo_id(args, pushed: Optional[str] = None) -> str:
     return f"<your-username>/{args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))}"
 
 
-# Copied from train_inversion_dpo.usage_snippet
 def usage_snippet(args, repo_id: str, prompt: str) -> str:
-    """Python that loads the base model (and the VAE trained with) from the Hub in fp16 on a GPU, then the adapter."""
+    """Python that loads the base model (and the VAE trained with) from the Hub in bf16 on a GPU, without T5 when it
+    was trained without, then the adapter, and samples at the trained ``--max_sequence_length``."""
     base_id = hub_id_of(args.pretrained_model_name_or_path)
     lines, kwargs = ["import torch"], ""
     if args.revision and base_id:
         kwargs += f", revision={json.dumps(args.revision)}"
     if args.variant:
         kwargs += f", variant={json.dumps(args.variant)}"
+    if args.no_t5:
+        kwargs += ", text_encoder_3=None, tokenizer_3=None"
     vae = args.pretrained_vae_model_name_or_path
     if vae:
         lines += ["from diffusers import AutoencoderKL, DiffusionPipeline", ""]
         vae_id = hub_id_of(vae)
         vae_name = json.dumps(vae_id or f"path/to/{display_name(vae)}")
         note = "" if vae_id else f"  # trained with the local VAE folder '{display_name(vae)}': its path here"
-        lines.append(f"vae = AutoencoderKL.from_pretrained({vae_name}, torch_dtype=torch.float16){note}")
+        lines.append(f"vae = AutoencoderKL.from_pretrained({vae_name}, torch_dtype=torch.bfloat16){note}")
         kwargs = ", vae=vae" + kwargs
     else:
         lines += ["from diffusers import DiffusionPipeline", ""]
     if base_id:
-        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{base_id}"{kwargs}, torch_dtype=torch.float16)')
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{base_id}"{kwargs}, torch_dtype=torch.bfloat16)')
     else:
         name = display_name(args.pretrained_model_name_or_path)
         lines.append(f"# trained on the local model folder '{name}': put its path (or its Hub id) here")
-        lines.append(f'pipe = DiffusionPipeline.from_pretrained("path/to/{name}"{kwargs}, torch_dtype=torch.float16)')
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("path/to/{name}"{kwargs}, torch_dtype=torch.bfloat16)')
     lines += [
         'pipe = pipe.to("cuda")',
         f'pipe.load_lora_weights("{repo_id}")',
-        f"image = pipe({json.dumps(prompt, ensure_ascii=False)}).images[0]",
+        f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, "
+        f"max_sequence_length={args.max_sequence_length}).images[0]",
         'image.save("sample.png")',
     ]
     return "\n".join(lines)

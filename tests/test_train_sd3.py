@@ -110,6 +110,10 @@ def test_every_objective_trains_a_lora(objective, tiny_sd3_dir, tiny_pairs_parqu
         assert all(v.abs().max() == 0 for k, v in lora(out).items() if "lora_B" in k)
         return
     check_run(out, objective)
+    # the card's snippet samples as the adapter was trained: the T5 tokens, and no T5 where there was none
+    card = open(os.path.join(out, "README.md")).read()
+    assert "max_sequence_length=16" in card and "torch.bfloat16" in card
+    assert ("text_encoder_3=None, tokenizer_3=None" in card) == ("--no_t5" in objective)
 
 
 @pytest.fixture(scope="module")
