@@ -21,14 +21,16 @@ def common(tiny_sd_dir, tiny_pairs_parquet):
             *QUICK, "--max_train_samples", 4, "--max_train_steps", 2, "--gradient_accumulation_steps", 2]  # fmt: skip
 
 
-def test_two_processes_train_the_adapter_of_one(tiny_sd_dir, tiny_pairs_parquet, tmp_path):
+@pytest.mark.parametrize("script, model", [(SCRIPT, "tiny_sd_dir"), ("train_inversion_dpo_sd3.py", "tiny_sd3_dir")])
+def test_two_processes_train_the_adapter_of_one(script, model, tiny_pairs_parquet, tmp_path, request):
     # an exact, deterministic objective; Adam with an epsilon far above |grad| is SGD (lr / eps = 0.01), so that the
-    # gradient's scale shows in the adapter too (plain Adam would hide a wrongly scaled all-reduce)
-    args = common(tiny_sd_dir, tiny_pairs_parquet) + ["--inversion_target", "x0", "--learning_rate", 1e2,
-                                                      "--adam_epsilon", 1e4, "--max_grad_norm", 0]  # fmt: skip
+    # gradient's scale shows in the adapter too (plain Adam would hide a wrongly scaled all-reduce). SD3: each
+    # process embeds the captions into its own table, and the reference unwraps the DDP-wrapped transformer
+    args = common(request.getfixturevalue(model), tiny_pairs_parquet)
+    args += ["--inversion_target", "x0", "--learning_rate", 1e2, "--adam_epsilon", 1e4, "--max_grad_norm", 0]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run(SCRIPT, args + ["--output_dir", one, "--train_batch_size", 2])
-    run(SCRIPT, args + ["--output_dir", two, "--train_batch_size", 1], launcher="accelerate", num_processes=2)
+    run(script, args + ["--output_dir", one, "--train_batch_size", 2])
+    run(script, args + ["--output_dir", two, "--train_batch_size", 1], launcher="accelerate", num_processes=2)
     a, b = lora(one), lora(two)
     assert a.keys() == b.keys()
     up = [k for k in a if "lora_B" in k or "lora.up" in k]  # they start at 0: they are the update
