@@ -1,21 +1,25 @@
-"""Trains a tiny Stable Diffusion (same architecture and folder layout; ``--architecture sdxl``: SDXL's) on the
-shapes world, on the CPU.
+"""Trains a tiny Stable Diffusion (same architecture and folder layout; ``--architecture sdxl``: SDXL's;
+``--architecture sd3``: SD3.5's) on the shapes world, on the CPU.
 
 Two phases, both on images rendered from ``shapes.world.train_prompts()`` only (held-out prompts are never drawn):
 
 1. an AutoencoderKL (32 x 32 x 3 <-> 16 x 16 x 4) for reconstruction plus a tiny KL; its
-   ``scaling_factor`` is then set so that the scaled latents have unit standard deviation;
+   ``scaling_factor`` is then set so that the scaled latents have unit standard deviation (for SD3 after its
+   ``shift_factor`` has centred them, as SD3's VAE does);
 2. the text encoder(s) and a UNet2DConditionModel, jointly, with the epsilon-prediction loss on cached latents
-   and caption dropout to the null prompt (so that classifier-free guidance works), with an EMA of both;
+   and caption dropout to the null prompt (so that classifier-free guidance works), with an EMA of both; for SD3
+   an MMDiT (SD3Transformer2DModel) with the rectified-flow loss instead (``train_transformer``);
 3. optionally (``--encoder_cycle_steps``), the VAE encoder alone, so that it maps the model's decoded samples back
    to the latents they were decoded from (``tune_encoder_cycle``).
 
 The tokenizer is a word-level CLIPTokenizer: BPE merges are generated so that every shapes-world word is one
-token. The result is saved with ``StableDiffusionPipeline.save_pretrained`` (safetensors) and loads with the
-stock ``from_pretrained``. ``--save_every`` also writes intermediate pipelines (EMA weights) to
-``<output_dir>-ckpt/step-N`` so that a less trained one can be chosen.
+token (SD3's T5 gets a word-level T5 tokenizer, ``t5_word_tokenizer``). The result is saved with the pipeline's
+``save_pretrained`` (safetensors) and loads with the stock ``from_pretrained``. ``--save_every`` also writes
+intermediate pipelines (EMA weights) to ``<output_dir>-ckpt/step-N`` so that a less trained one can be chosen.
 
     OMP_NUM_THREADS=1 python scripts/train_shapes_base.py --output_dir models/shapes-sd-tiny
+
+(the committed bases' exact commands: ``models/*/BUILD.md``)
 """
 
 import argparse
@@ -109,6 +113,29 @@ def word_tokenizer(max_length=16):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def t5_word_tokenizer(max_length=16):
+    """A T5TokenizerFast whose Unigram model holds one ``\u2581word`` piece per shapes-world word (SentencePiece's
+    word-start mark, as T5's own vocabulary spells words), with T5's ``</s>`` appended; any other word is ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in shapes_vocabulary()]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- models
 
 
@@ -189,6 +216,99 @@ def build_models(tokenizer, args):
         ),
     )
     return text_encoders, unet, vae, scheduler
+
+
+SD3_SHIFT = 3.0  # the flow-matching scheduler's shift of SD3 and SD3.5
+
+
+def build_sd3_models(tokenizer, t5_tokenizer, args):
+    """(text encoders, transformer, vae, scheduler) in SD3.5's wiring: two CLIPTextModelWithProjection (their
+    penultimate states side by side, zero-padded to T5's width, then T5's states: the joint attention's caption
+    tokens; their pooled projections side by side: ``pooled_projections``), a T5EncoderModel (T5 v1.1's gated GELU,
+    as T5-XXL) twice a CLIP encoder's width, as T5-XXL's 4096 is at least CLIP-L's 768 + CLIP-G's 1280; an MMDiT
+    with patch 2, RMS-normed queries and keys and the second, image-only attention in ``--dual_attention_layers``;
+    the VAE of the other twins (its shift and scale are set after phase 1); the flow-matching Euler scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_dim,
+        intermediate_size=2 * args.text_dim,
+        num_attention_heads=4,
+        num_hidden_layers=args.text_layers,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=args.text_dim,
+    )
+    t5_dim = 2 * args.text_dim
+    t5 = T5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=t5_dim,
+        d_ff=2 * t5_dim,
+        d_kv=t5_dim // 4,
+        num_heads=4,
+        num_layers=args.text_layers,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=t5_tokenizer.pad_token_id,
+        eos_token_id=t5_tokenizer.eos_token_id,
+        decoder_start_token_id=t5_tokenizer.pad_token_id,
+    )
+    text_encoders = [CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip), T5EncoderModel(t5)]
+    latent_size = 32 // 2 ** (len(args.vae_channels) - 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=args.transformer_layers,
+        attention_head_dim=args.transformer_dim // args.transformer_heads,
+        num_attention_heads=args.transformer_heads,
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=args.transformer_dim,
+        pooled_projection_dim=2 * args.text_dim,
+        pos_embed_max_size=latent_size // 2,  # the patch grid: 32 px images only, as the other twins
+        dual_attention_layers=tuple(args.dual_attention_layers),
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        block_out_channels=tuple(args.vae_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    return text_encoders, transformer, vae, FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT)
+
+
+def sd3_caption_encoder(text_encoders, tokenizer, t5_tokenizer, transformer, max_length):
+    """``encode(captions) -> (embeddings [B, 2 L, D], pooled [B, P])`` by ``StableDiffusion3Pipeline.encode_prompt``
+    itself, so that training conditions exactly as sampling does (T5 gets ``max_length`` tokens, as the pipeline's
+    ``max_sequence_length``); gradients reach encoders that are trained."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=None, vae=None,
+        text_encoder=text_encoders[0], tokenizer=tokenizer,
+        text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=text_encoders[2], tokenizer_3=t5_tokenizer,
+    )  # fmt: skip
+
+    def encode(captions):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            list(captions), None, None, device=torch.device("cpu"), do_classifier_free_guidance=False,
+            max_sequence_length=max_length,
+        )  # fmt: skip
+        return embeds, pooled
+
+    return encode
 
 
 def condition(text_encoders, ids, drop):
@@ -295,9 +415,24 @@ def ema_update(ema, model, decay):
             pe.lerp_(pm, 1 - decay)
 
 
-def make_pipeline(vae, text_encoders, unet, tokenizer, scheduler):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def make_pipeline(vae, text_encoders, unet, tokenizer, scheduler, t5_tokenizer=None):
+    """The pipeline of the architecture: SD (one text encoder), SDXL (two) or SD3 (three; ``unet`` is then the
+    transformer)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if len(text_encoders) == 3:
+        # both CLIP encoders share the word-level tokenizer; SD3's null prompt is the encoded empty prompt
+        return StableDiffusion3Pipeline(
+            transformer=unet,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoders[0],
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoders[1],
+            tokenizer_2=tokenizer,
+            text_encoder_3=text_encoders[2],
+            tokenizer_3=t5_tokenizer,
+        )
     if len(text_encoders) == 1:
         return StableDiffusionPipeline(
             vae=vae,
@@ -323,8 +458,9 @@ def make_pipeline(vae, text_encoders, unet, tokenizer, scheduler):
     )
 
 
-def save_pipeline(path, vae, text_encoders, unet, tokenizer, scheduler):
-    make_pipeline(vae, text_encoders, unet, tokenizer, scheduler).save_pretrained(path, safe_serialization=True)
+def save_pipeline(path, vae, text_encoders, unet, tokenizer, scheduler, t5_tokenizer=None):
+    pipe = make_pipeline(vae, text_encoders, unet, tokenizer, scheduler, t5_tokenizer)
+    pipe.save_pretrained(path, safe_serialization=True)
 
 
 def tune_encoder_cycle(pipe, images, render_latents, args, log):
@@ -355,10 +491,14 @@ def tune_encoder_cycle(pipe, images, render_latents, args, log):
                 guidance_scale=sampling.DEFAULT_GUIDANCE,
                 generator=[torch.Generator().manual_seed(args.seed + k + j) for j in range(len(picks[k : k + 128]))],
                 output_type="latent",
+                **sampling.call_kwargs(pipe),
             ).images
             for k in range(0, len(picks), 128)
         ]
-        targets = torch.cat([torch.cat(sampled) / vae.config.scaling_factor, render_latents[: len(picks)]])
+        sampled = torch.cat(sampled) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):  # SD3's latents are shifted, then scaled
+            sampled = sampled + vae.config.shift_factor
+        targets = torch.cat([sampled, render_latents[: len(picks)]])
         decoded = ((vae.decode(targets).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         # what the trainer will read: the JPEG the pair generator writes, decoded as the trainer decodes it
         inputs = torch.stack(
@@ -403,15 +543,146 @@ def tune_encoder_cycle(pipe, images, render_latents, args, log):
     log_errors()
 
 
+def train_unet(unet, text_encoders, tokenizer, latents, captions, scheduler, args, log, save):
+    """Phase 2 for SD and SDXL: epsilon (or, with ``--zero_snr``, v) prediction on the cached latents, with caption
+    dropout to the null prompt; returns the EMA of the UNet and of the text encoders."""
+    tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
+    ids = tok.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids
+    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
+    for m in [ema_unet, *ema_text]:
+        m.requires_grad_(False)
+    acp = scheduler.alphas_cumprod
+    g = torch.Generator().manual_seed(args.seed + 2)
+    for m in [unet, *text_encoders]:
+        m.train()
+    t0, running = time.time(), 0.0
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(latents), (args.batch,), generator=g)
+        x0 = latents[idx]
+        cond_ids = ids[idx].clone()
+        drop = torch.rand(args.batch, generator=g) < args.caption_dropout
+        cond_ids[drop] = empty_ids[0]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(args.timestep_range[0], args.timestep_range[1], (args.batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        enc, added = condition(text_encoders, cond_ids, drop)
+        pred = unet(xt, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        if args.x0_weight_max > 1:
+            weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
+            loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
+        else:  # the plain loss, computed as the committed base was (bit-identical reruns)
+            loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        for ema, te in zip(ema_text, text_encoders):
+            ema_update(ema, te, decay)
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t0
+            log(
+                f"unet step {step}/{args.steps} loss {running / args.log_every:.4f} "
+                f"({el:.0f} s, {el / step:.3f} s/step)"
+            )
+            running = 0.0
+        if args.save_every and step % args.save_every == 0 and step != args.steps:
+            save(os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}"), ema_text, ema_unet)
+    return ema_unet, ema_text
+
+
+def train_transformer(transformer, text_encoders, encode, latents, captions, scheduler, args, log, save):
+    """Phase 2 for SD3: the rectified-flow loss (Esser et al. 2024, "Scaling Rectified Flow Transformers for
+    High-Resolution Image Synthesis", arXiv:2403.03206) on the cached latents. A level is drawn among the
+    scheduler's 1000 training levels (``--weighting_scheme``, as diffusers' ``train_dreambooth_lora_sd3.py`` draws
+    them), x_s = (1 - s) x0 + s n at its shifted sigma s, the transformer sees timestep 1000 s and predicts the
+    velocity n - x0, every level weighted 1. Caption dropout replaces a caption by the empty prompt, SD3's null
+    condition (the pipeline encodes "" for guidance, not zeros). With frozen text encoders every caption is encoded
+    once. Returns the EMA of the transformer and of the text encoders."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    trained_text = any(p.requires_grad for te in text_encoders for p in te.parameters())
+    params = list(transformer.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
+    ema_model, ema_text = copy.deepcopy(transformer).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
+    for m in [ema_model, *ema_text]:
+        m.requires_grad_(False)
+    table = None
+    if not trained_text:
+        distinct = sorted(set(captions) | {""})
+        with torch.no_grad():
+            embeds, pooled = zip(*(encode(distinct[i : i + 256]) for i in range(0, len(distinct), 256)))
+        table = dict(zip(distinct, zip(torch.cat(embeds), torch.cat(pooled))))
+        log(f"encoded the {len(distinct)} distinct captions once (frozen text encoders)")
+    levels = len(scheduler.timesteps)  # a fresh scheduler holds its training levels, from pure noise down
+    sigmas, timesteps = scheduler.sigmas[:levels], scheduler.timesteps
+    g = torch.Generator().manual_seed(args.seed + 2)
+    for m in [transformer, *text_encoders]:
+        m.train()
+    t0, running = time.time(), 0.0
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(latents), (args.batch,), generator=g)
+        x0 = latents[idx]
+        drop = torch.rand(args.batch, generator=g) < args.caption_dropout
+        batch_captions = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        if table is None:
+            embeds, pooled = encode(batch_captions)
+        else:
+            embeds = torch.stack([table[c][0] for c in batch_captions])
+            pooled = torch.stack([table[c][1] for c in batch_captions])
+        noise = torch.randn(x0.shape, generator=g)
+        u = compute_density_for_timestep_sampling(
+            args.weighting_scheme, args.batch, args.logit_mean, args.logit_std, args.mode_scale, generator=g
+        )
+        level = (u * levels).long().clamp(0, levels - 1)
+        s = sigmas[level].view(-1, 1, 1, 1)
+        xs = (1 - s) * x0 + s * noise
+        pred = transformer(
+            hidden_states=xs, timestep=timesteps[level], encoder_hidden_states=embeds, pooled_projections=pooled
+        ).sample
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_model, transformer, decay)
+        for ema, te in zip(ema_text, text_encoders):
+            ema_update(ema, te, decay)
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t0
+            log(
+                f"transformer step {step}/{args.steps} loss {running / args.log_every:.4f} "
+                f"({el:.0f} s, {el / step:.3f} s/step)"
+            )
+            running = 0.0
+        if args.save_every and step % args.save_every == 0 and step != args.steps:
+            save(os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}"), ema_text, ema_model)
+    return ema_model, ema_text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", default="models/shapes-sd-tiny")
     ap.add_argument(
         "--architecture",
-        choices=["sd", "sdxl"],
+        choices=["sd", "sdxl", "sd3"],
         default="sd",
         help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders, pooled projection, "
-        "time ids, zeros as the null prompt)",
+        "time ids, zeros as the null prompt); sd3: StableDiffusion3Pipeline (two CLIP encoders and a T5, an MMDiT "
+        "transformer, rectified flow, the encoded empty prompt as the null prompt)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_images", type=int, default=20000, help="rendered training images (train prompts only)")
@@ -498,7 +769,34 @@ def main(argv=None):
         default=None,
         help="continue phase 2 from a saved pipeline folder (its tokenizer, VAE and scaling factor are kept)",
     )
+    sd3 = ap.add_argument_group("sd3")
+    sd3.add_argument("--transformer_dim", type=int, default=96, help="the MMDiT's width (heads x head dim)")
+    sd3.add_argument("--transformer_heads", type=int, default=4)
+    sd3.add_argument("--transformer_layers", type=int, default=6, help="joint transformer blocks")
+    sd3.add_argument(
+        "--dual_attention_layers",
+        type=int,
+        nargs="*",
+        default=[0, 1, 2],
+        help="blocks with SD3.5's second, image-only attention (SD3.5-medium: the first half)",
+    )
+    sd3.add_argument(
+        "--weighting_scheme",
+        choices=["none", "logit_normal", "mode"],
+        default="none",
+        help="how the training sigma is drawn among the scheduler's 1000 shifted levels (diffusers' "
+        "compute_density_for_timestep_sampling, as train_dreambooth_lora_sd3.py): none = uniform over the levels, "
+        "which the shift already tilts to high noise, where the layout is decided; logit_normal = SD3's",
+    )
+    sd3.add_argument("--logit_mean", type=float, default=0.0)
+    sd3.add_argument("--logit_std", type=float, default=1.0)
+    sd3.add_argument("--mode_scale", type=float, default=1.29)
     args = ap.parse_args(argv)
+    if args.architecture == "sd3":
+        for flag, value, default in [("zero_snr", args.zero_snr, False), ("x0_weight_max", args.x0_weight_max, 1.0),
+                                     ("timestep_range", args.timestep_range, [0, 1000])]:  # fmt: skip
+            if value != default:
+                ap.error(f"--{flag} is for the DDPM UNet architectures (sd, sdxl), not sd3")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -507,21 +805,34 @@ def main(argv=None):
     def log(msg):
         print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
 
+    is_sd3 = args.architecture == "sd3"
+    t5_tokenizer = None  # SD3's third tokenizer
     if args.init_from:
         from diffusers import DiffusionPipeline
 
         init = DiffusionPipeline.from_pretrained(args.init_from, use_safetensors=True)
-        tokenizer, unet, vae, scheduler = init.tokenizer, init.unet, init.vae, init.scheduler
-        text_encoders = [init.text_encoder] + ([init.text_encoder_2] if hasattr(init, "text_encoder_2") else [])
+        if hasattr(init, "transformer") != is_sd3:
+            ap.error(f"--init_from {args.init_from} is a {type(init).__name__}: --architecture must match it")
+        if is_sd3:
+            tokenizer, t5_tokenizer, unet, vae = init.tokenizer, init.tokenizer_3, init.transformer, init.vae
+            text_encoders, scheduler = [init.text_encoder, init.text_encoder_2, init.text_encoder_3], init.scheduler
+        else:
+            tokenizer, unet, vae, scheduler = init.tokenizer, init.unet, init.vae, init.scheduler
+            text_encoders = [init.text_encoder] + ([init.text_encoder_2] if hasattr(init, "text_encoder_2") else [])
+    elif is_sd3:
+        tokenizer, t5_tokenizer = word_tokenizer(args.max_length), t5_word_tokenizer(args.max_length)
+        text_encoders, unet, vae, scheduler = build_sd3_models(tokenizer, t5_tokenizer, args)
     else:
         tokenizer = word_tokenizer(args.max_length)
         text_encoders, unet, vae, scheduler = build_models(tokenizer, args)
     for w in shapes_vocabulary():
-        ids = tokenizer(w, add_special_tokens=False).input_ids
-        assert len(ids) == 1, f"{w!r} is not one token: {ids}"
+        for tok in [tokenizer] + ([t5_tokenizer] if is_sd3 else []):
+            ids = tok(w, add_special_tokens=False).input_ids
+            assert len(ids) == 1, f"{w!r} is not one token: {ids}"
+    model_name = "transformer" if is_sd3 else "unet"
     log(
-        f"params: vae {n_params(vae):,} text encoders {sum(map(n_params, text_encoders)):,} unet {n_params(unet):,}; "
-        f"vocab {len(tokenizer)}"
+        f"params: vae {n_params(vae):,} text encoders {sum(map(n_params, text_encoders)):,} "
+        f"{model_name} {n_params(unet):,}; vocab {len(tokenizer)}"
     )
 
     images, captions = render_dataset(
@@ -530,87 +841,61 @@ def main(argv=None):
     log(f"rendered {len(images)} images of train prompts")
 
     # phase 1: autoencoder
+    shift = None  # SD3's VAE also centres its latents (its shift_factor)
     if args.init_from:
         vae.requires_grad_(False)
-        scale = vae.config.scaling_factor
-        latents = encode_all(vae, images) * scale
+        scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
+        latents = encode_all(vae, images)
+        latents = (latents - shift) * scale if shift is not None else latents * scale
     else:
         train_vae(vae, images, args, log)
         vae.requires_grad_(False)
         latents = encode_all(vae, images)
+        if is_sd3:
+            shift = latents.mean().item()
+            latents = latents - shift
+            vae.register_to_config(shift_factor=shift)
         scale = 1.0 / latents.std().item()
         vae.register_to_config(scaling_factor=scale)
         latents = latents * scale
-    log(f"latents {tuple(latents.shape)} scaling_factor {scale:.4f}; cached")
+    shift_text = f" shift_factor {shift:.4f}" if shift is not None else ""
+    log(f"latents {tuple(latents.shape)} scaling_factor {scale:.4f}{shift_text}; cached")
     log(f"vae reconstruction pass rate {vae_pass_rate(vae, scale, 200, args.seed + 7):.3f}")
 
-    # phase 2: text encoder + unet, epsilon prediction
-    tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
-    ids = tok.input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids
+    # phase 2: text encoder(s) + the denoiser
     if args.freeze_text_encoder:  # as Stable Diffusion does: the text side stays at its (here random) init
         for te in text_encoders:
             te.requires_grad_(False)
-    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
-    for m in [ema_unet, *ema_text]:
-        m.requires_grad_(False)
-    acp = scheduler.alphas_cumprod
-    g = torch.Generator().manual_seed(args.seed + 2)
-    for m in [unet, *text_encoders]:
-        m.train()
-    t0, running = time.time(), 0.0
-    for step in range(1, args.steps + 1):
-        idx = torch.randint(len(latents), (args.batch,), generator=g)
-        x0 = latents[idx]
-        cond_ids = ids[idx].clone()
-        drop = torch.rand(args.batch, generator=g) < args.caption_dropout
-        cond_ids[drop] = empty_ids[0]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(args.timestep_range[0], args.timestep_range[1], (args.batch,), generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        enc, added = condition(text_encoders, cond_ids, drop)
-        pred = unet(xt, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-        if args.x0_weight_max > 1:
-            weight = ((1 - a) / a).clamp(1.0, args.x0_weight_max).view(-1)
-            loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
-        else:  # the plain loss, computed as the committed base was (bit-identical reruns)
-            loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        for ema, te in zip(ema_text, text_encoders):
-            ema_update(ema, te, decay)
-        running += loss.item()
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - t0
-            log(
-                f"unet step {step}/{args.steps} loss {running / args.log_every:.4f} "
-                f"({el:.0f} s, {el / step:.3f} s/step)"
-            )
-            running = 0.0
-        if args.save_every and step % args.save_every == 0 and step != args.steps:
-            path = os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}")
-            save_pipeline(path, vae, ema_text, ema_unet, tokenizer, scheduler)
-            log(f"saved {path}")
+
+    def save(path, ema_text, ema_model):
+        save_pipeline(path, vae, ema_text, ema_model, tokenizer, scheduler, t5_tokenizer)
+        log(f"saved {path}")
+
+    if is_sd3:
+        encode = sd3_caption_encoder(text_encoders, tokenizer, t5_tokenizer, unet, args.max_length)
+        ema_unet, ema_text = train_transformer(
+            unet, text_encoders, encode, latents, captions, scheduler, args, log, save
+        )
+    else:
+        ema_unet, ema_text = train_unet(unet, text_encoders, tokenizer, latents, captions, scheduler, args, log, save)
 
     if args.encoder_cycle_steps:
-        pipe = make_pipeline(vae, ema_text, ema_unet, tokenizer, scheduler)
-        tune_encoder_cycle(pipe, images, latents / scale, args, log)  # the cached latents: not encoded again
+        pipe = make_pipeline(vae, ema_text, ema_unet, tokenizer, scheduler, t5_tokenizer)
+        render_latents = latents / scale  # the cached latents: not encoded again
+        if shift is not None:
+            render_latents = render_latents + shift
+        tune_encoder_cycle(pipe, images, render_latents, args, log)
         log(f"vae reconstruction pass rate {vae_pass_rate(vae, scale, 200, args.seed + 7):.3f}")
-    save_pipeline(args.output_dir, vae, ema_text, ema_unet, tokenizer, scheduler)
+    save_pipeline(args.output_dir, vae, ema_text, ema_unet, tokenizer, scheduler, t5_tokenizer)
     info = {
         "args": vars(args),
-        "params": {"vae": n_params(vae), "text_encoders": sum(map(n_params, text_encoders)), "unet": n_params(unet)},
+        "params": {
+            "vae": n_params(vae),
+            "text_encoders": sum(map(n_params, text_encoders)),
+            model_name: n_params(unet),
+        },
         "scaling_factor": scale,
+        **({"shift_factor": shift} if shift is not None else {}),
         "wall_clock_s": round(time.time() - t_start, 1),
     }
     with open(os.path.join(args.output_dir, "training_info.json"), "w") as f:

@@ -1,10 +1,12 @@
-"""scripts/train_shapes_base.py builds a stock SD or SDXL folder from the shapes world (a few steps at toy sizes
+"""scripts/train_shapes_base.py builds a stock SD, SDXL or SD3 folder from the shapes world (a few steps at toy sizes
 here), and the committed SDXL twin of the shapes base loads through stock diffusers."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -243,3 +245,113 @@ def test_color_swap_trades_the_colours_of_that_share_of_two_object_captions_and_
                 pc.relation,
             )
     assert 0.3 < swapped / candidates < 0.5, (swapped, candidates)
+
+
+SD3_TOY = ["--architecture", "sd3", "--num_images", "64", "--vae_steps", "2", "--batch", "4", "--log_every", "1",
+           "--text_dim", "32", "--transformer_dim", "32", "--transformer_layers", "2",
+           "--dual_attention_layers", "0"]  # fmt: skip
+
+
+def test_the_sd3_architecture_writes_a_stock_sd3_pipeline_that_samples(tmp_path):
+    """--architecture sd3: a folder the stock StableDiffusion3Pipeline loads with no extra argument (two CLIP
+    encoders with projections, a T5 with a word-level tokenizer, an MMDiT with SD3.5's second attention, a VAE with
+    a shift and a scale, the flow-matching scheduler at shift 3), that samples through shapes.sampling with its own
+    flow sampler; frozen, the three text encoders stay at their initialisation."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from shapes import sampling
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name, flags in [
+        ("sd3", ["--steps", "2", "--save_every", "1", "--freeze_text_encoder"]),
+        ("init", ["--steps", "0"]),
+    ]:
+        run = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / name), *SD3_TOY, *flags], env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "sd3"
+    assert (tmp_path / "sd3-ckpt" / "step-1" / "model_index.json").exists()
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["args"]["architecture"] == "sd3" and info["params"]["transformer"] > 0
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    config = pipe.transformer.config
+    assert (config.patch_size, config.sample_size, tuple(config.dual_attention_layers)) == (2, 16, (0,))
+    assert config.joint_attention_dim == pipe.text_encoder_3.config.d_model == 64  # two 32-wide CLIP states fit
+    assert config.pooled_projection_dim == 2 * pipe.text_encoder.config.projection_dim
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3):
+        ids = tokenizer("a red circle left of a blue square", add_special_tokens=False).input_ids
+        assert len(ids) == 8 and tokenizer.unk_token_id not in ids
+    assert pipe.tokenizer_3("a red circle").input_ids[-1] == pipe.tokenizer_3.eos_token_id
+
+    # the shift and the scale make the training renders' latents zero-mean and unit-std, as phase 2 saw them
+    script = load_script()
+    images, _ = script.render_dataset(64, 0, 0.2)
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.mean
+    scaled = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    assert abs(scaled.mean().item()) < 1e-4 and abs(scaled.std().item() - 1) < 1e-4
+    assert info["shift_factor"] == pipe.vae.config.shift_factor
+
+    torch.set_num_threads(1)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle left of a blue square", num_inference_steps=3, max_sequence_length=16,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    loaded = sampling.load_pipeline(str(out))
+    assert isinstance(loaded.scheduler, FlowMatchEulerDiscreteScheduler)  # not replaced by DDIM
+    assert sampling.call_kwargs(loaded) == {"max_sequence_length": 16}
+    drawn = sampling.sample(loaded, ["a red circle"], num_images=1, steps=3)
+    assert drawn[0][0].size == (32, 32)
+
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        frozen, untrained = (load_file(tmp_path / n / part / "model.safetensors") for n in ("sd3", "init"))
+        assert frozen.keys() == untrained.keys() and all(torch.equal(frozen[k], untrained[k]) for k in frozen)
+
+
+class ExactVelocity(torch.nn.Module):
+    """A transformer stand-in that knows the data (every latent is ``x0``) and returns the rectified-flow velocity
+    n - x0 of its input, reading sigma from the timestep as 1000 s: (x_s - x0) / s when x_s = (1 - s) x0 + s n."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # something for the optimizer and the EMA
+        self.timesteps = []
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        self.timesteps.append(timestep)
+        s = (timestep / 1000).view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(hidden_states - self.x0) / s + self.weight)
+
+
+@pytest.mark.parametrize("weighting_scheme", ["none", "logit_normal"])
+def test_the_sd3_loop_trains_the_rectified_flow_velocity(weighting_scheme):
+    """train_transformer's convention by hand: x_s = (1 - s) x0 + s n at the scheduler's shifted sigma s, timestep
+    1000 s, target n - x0. The exact velocity's loss is 0 at every step, at the scheduler's own training levels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    script = load_script()
+    x0 = torch.randn(1, 4, 16, 16)
+    model = ExactVelocity(x0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    args = argparse.Namespace(
+        lr=1e-3, warmup=1, seed=0, steps=5, batch=8, caption_dropout=0.5, weighting_scheme=weighting_scheme,
+        logit_mean=0.0, logit_std=1.0, mode_scale=1.29, ema=0.999, log_every=1, save_every=0, output_dir="-",
+    )  # fmt: skip
+    losses = []
+
+    def log(message):
+        losses.append(float(message.split(" loss ")[1].split()[0]))
+
+    def encode(captions):
+        return torch.zeros(len(captions), 4, 8), torch.zeros(len(captions), 8)
+
+    script.train_transformer(model, [], encode, x0.expand(10, -1, -1, -1), ["a red circle"] * 10, scheduler, args,
+                             lambda m: log(m) if " loss " in m else None, save=None)  # fmt: skip
+    assert len(losses) == 5 and max(losses) < 1e-4  # a wrong convention is off by about 1
+    timesteps = torch.cat(model.timesteps)
+    assert all(bool((scheduler.timesteps == t).any()) for t in timesteps)
+    assert timesteps.max() <= 1000 and timesteps.min() > 0

@@ -117,3 +117,59 @@ def test_eval_on_two_prompts(pipe):
     assert [r.name for r in results] == ["single", "two"]
     for r in results:
         assert r.num_samples == 2 and 0.0 <= r.mean_score <= 1.0 and 0.0 <= r.pass_rate <= 1.0
+
+
+SD3_MODEL = os.path.join(REPO, "models", "shapes-sd3-tiny")
+
+
+def test_the_sd3_twin_is_small_safetensors_and_loads_in_the_stock_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    files = [os.path.join(d, f) for d, _, fs in os.walk(SD3_MODEL) for f in fs]
+    assert not any(f.endswith((".bin", ".pt", ".ckpt")) for f in files)
+    assert sum(os.path.getsize(f) for f in files) <= 15 * 2**20
+    torch.set_num_threads(1)
+    pipe = StableDiffusion3Pipeline.from_pretrained(SD3_MODEL)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.transformer.config.dual_attention_layers  # SD3.5's second attention
+    words = {w for n in (1, 2) for p in world.all_prompts(n) for w in str(p).split()}
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_3):
+        assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_inference_steps=5, max_sequence_length=pipe.tokenizer_3.model_max_length,
+               generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_the_sd3_twin_samples_through_shapes_sampling_and_takes_a_lora(tmp_path):
+    """shapes.sampling keeps SD3's flow sampler, gives T5 the tokens it was trained with, and loads an adapter with
+    the stock load_lora_weights (the format train_inversion_dpo_sd3.py saves), which changes the samples."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from shapes import sampling
+
+    torch.set_num_threads(1)
+    base = sampling.load_pipeline(SD3_MODEL)
+    assert isinstance(base.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert sampling.call_kwargs(base) == {"max_sequence_length": base.tokenizer_3.model_max_length}
+    prompts = ["a red circle left of a blue square"]
+    before = np.asarray(sampling.sample(base, prompts, steps=4)[0][0], dtype=np.float32)
+    assert before.shape == (32, 32, 3)
+
+    torch.manual_seed(0)
+    transformer = StableDiffusion3Pipeline.from_pretrained(SD3_MODEL).transformer
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    )
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a zero B (the initialisation) would leave the samples unchanged
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer)
+    )
+    aligned = sampling.load_pipeline(SD3_MODEL, lora_path=str(tmp_path))
+    after = np.asarray(sampling.sample(aligned, prompts, steps=4)[0][0], dtype=np.float32)
+    assert np.abs(after - before).mean() > 1.0
