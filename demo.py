@@ -34,8 +34,9 @@ def parse_args(input_args=None):
     p.add_argument(
         "--model",
         default=os.path.join(HERE, "models", "shapes-sd-tiny"),
-        help="An SD or SDXL pipeline folder (models/shapes-sdxl-tiny: the SDXL twin, trained by "
-        "train_inversion_dpo_sdxl.py).",
+        help="An SD, SDXL or SD3 pipeline folder, trained by the script of its architecture "
+        "(models/shapes-sdxl-tiny: the SDXL twin, by train_inversion_dpo_sdxl.py; models/shapes-sd3-tiny: the SD3 "
+        "twin, by train_inversion_dpo_sd3.py).",
     )
     p.add_argument(
         "--output_dir",
@@ -108,6 +109,47 @@ TRAIN_ARGS = [
     "--sft_weight", "300", "--sft_min_timestep", "600", "--sft_caption_dropout", "0.2", "--anchor_weight", "30000",
     "--lora_target_modules", LORA_TARGET_MODULES,
 ]  # fmt: skip
+
+
+# The SD3 trainer runs the same recipe with the MMDiT's names for the same places: both streams' attention
+# projections (image: to_*, caption: add_*_proj, to_add_out) and both streams' MLPs; an MMDiT block has no
+# proj_in/proj_out (its only proj_out is the final layer's).
+SD3_LORA_TARGET_MODULES = ("to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,ff.net.0.proj,"
+                           "ff.net.2,ff_context.net.0.proj,ff_context.net.2")  # fmt: skip
+
+
+def trainer_for(model: str):
+    """``(script, flags)``: the training script for the model folder's architecture (read from its
+    ``model_index.json``) and the flags it needs after ``TRAIN_ARGS``: for SD3 its LoRA modules and T5's caption
+    length, which must match what the model was trained and is sampled with (``shapes.sampling.call_kwargs``)."""
+    from diffusers import DiffusionPipeline
+
+    components = DiffusionPipeline.load_config(model)
+    if "transformer" in components:
+        from shapes.sampling import SD3_T5_TOKENS
+
+        flags = ["--lora_target_modules", SD3_LORA_TARGET_MODULES]
+        if components.get("text_encoder_3", [None])[0] is None:
+            flags.append("--no_t5")  # T5's states are zeros, as the pipeline runs without it
+        else:
+            from transformers import AutoTokenizer
+
+            length = AutoTokenizer.from_pretrained(model, subfolder="tokenizer_3").model_max_length
+            flags += ["--max_sequence_length", str(min(length, SD3_T5_TOKENS))]
+        return "train_inversion_dpo_sd3.py", flags
+    return ("train_inversion_dpo_sdxl.py" if "text_encoder_2" in components else "train_inversion_dpo.py"), []
+
+
+def recipe_for(model: str):
+    """``(script, flags)``: the trainer of the model's architecture and ``TRAIN_ARGS`` with that architecture's own
+    values in place (``trainer_for``): its LoRA modules instead of the UNet's, then its other flags."""
+    script, extra = trainer_for(model)
+    flags = list(TRAIN_ARGS)
+    if "--lora_target_modules" in extra:
+        i = extra.index("--lora_target_modules")
+        flags[flags.index("--lora_target_modules") + 1] = extra[i + 1]
+        extra = extra[:i] + extra[i + 2 :]
+    return script, flags + extra
 
 
 def fail(message: str):
@@ -306,7 +348,7 @@ def main(args):
         )
 
     # 2. Inversion-DPO LoRA with the real training script
-    script = "train_inversion_dpo_sdxl.py" if hasattr(base, "text_encoder_2") else "train_inversion_dpo.py"
+    script, recipe = recipe_for(args.model)
     flags = [
         "--pretrained_model_name_or_path",
         args.model,
@@ -321,7 +363,7 @@ def main(args):
         # the reference side (inversions, targets, reference errors) once per pair instead of once per visit
         "--inversion_cache",
         os.path.join(out, "inversion_cache"),
-        *TRAIN_ARGS,
+        *recipe,
         *args.train_args.split(),
     ]
     print(f"[{time.time() - start:4.0f}s] accelerate launch {script} {' '.join(flags)}")

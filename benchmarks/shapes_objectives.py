@@ -134,24 +134,27 @@ def parse_args(argv=None):
 
 
 def forward_equivalents(record) -> float:
-    """UNet forward-equivalents per pair of one step: a row with grad costs a forward and a backward (about 3)."""
-    return 3 * record.get("unet_grad_evals_per_pair", 0.0) + record.get("unet_evals_per_pair", 0.0)
+    """UNet forward-equivalents per pair of one step: a row with grad costs a forward and a backward (about 3). The
+    SD3 trainer counts its transformer's rows under ``transformer_*``."""
+    model = "transformer" if "transformer_evals_per_pair" in record else "unet"
+    return 3 * record.get(f"{model}_grad_evals_per_pair", 0.0) + record.get(f"{model}_evals_per_pair", 0.0)
 
 
 def train(args, label, seed, pairs, run_dir, run_flags):
     """One run of the real trainer: ``args.train_args``, then the run's own flags ``run_flags`` (the later flag wins)."""
-    from demo import cpu_launch_command
+    from demo import cpu_launch_command, trainer_for
 
     if os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors")):
         return
     # an unfinished run (stopped, or diverged) starts over: its metrics would add to the new run's seconds and evals
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = cpu_launch_command(os.path.join(HERE, "train_inversion_dpo.py"))
+    script, architecture_flags = trainer_for(args.model)  # the SD3 trainer for an SD3 model, with its flags
+    cmd = cpu_launch_command(os.path.join(HERE, script))
     cmd[cmd.index("--cpu") + 1 : cmd.index("--cpu") + 1] = ["--num_cpu_threads_per_process", str(args.threads)]
     cmd += ["--pretrained_model_name_or_path", args.model, "--dataset_name", pairs, "--output_dir", run_dir,
             "--seed", str(seed), "--resolution", "32", "--max_train_steps", str(args.max_train_steps),
-            "--checkpointing_steps", str(args.eval_every), "--num_validation_prompts", "0", *shlex.split(args.train_args),
-            *run_flags]  # fmt: skip
+            "--checkpointing_steps", str(args.eval_every), "--num_validation_prompts", "0", *architecture_flags,
+            *shlex.split(args.train_args), *run_flags]  # fmt: skip
     print(f"train {label} seed {seed}", flush=True)
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     with open(run_dir + ".log", "w") as log:

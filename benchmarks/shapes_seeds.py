@@ -4,7 +4,8 @@
     python benchmarks/shapes_seeds.py --output_dir bench_out/seeds --pairs demo_output/pairs.parquet
 
 Trains ``demo.py``'s Inversion-DPO LoRA (its ``TRAIN_ARGS``, plus ``--train_args``) with the real
-``train_inversion_dpo.py`` through ``accelerate launch`` once per training seed on the same pairs, then samples the
+``train_inversion_dpo.py`` (for an SDXL or SD3 ``--model``, the trainer of its architecture, as the demo picks it)
+through ``accelerate launch`` once per training seed on the same pairs, then samples the
 base and every adapter, on the same noise, on the held-out two-object prompts at each evaluation seed set
 (``--eval_seeds``, ``--eval_images`` samples per prompt from each) and on all 432 train two-object prompts (one
 sample each, from ``--train_prompt_seed``), the prompts the pairs came from. Runs and evaluations already done are
@@ -101,7 +102,7 @@ def main(args):
     from shapes_objectives import load_results, split_runs, train
 
     import demo
-    from evaluation.stats import mean_interval
+    from evaluation.stats import mean_interval, paired_difference
     from shapes import sampling, world
 
     variants = split_runs(args.variants, VARIANTS, "variant")
@@ -144,7 +145,8 @@ def main(args):
 
     evaluate("base")
     steps = [] if args.max_train_steps is None else ["--max_train_steps", str(args.max_train_steps)]
-    train_args = " ".join([*demo.TRAIN_ARGS, *steps, args.train_args])
+    _, recipe = demo.recipe_for(args.model)  # TRAIN_ARGS, with an SD3 model's own LoRA modules and flags
+    train_args = " ".join([*recipe, *steps, args.train_args])
     recipe = shlex.split(train_args)
     for variant, (kind, extra) in variants.items():
         for seed in args.seeds:
@@ -183,6 +185,14 @@ def main(args):
         lines.append(
             f"| mean gain over training seeds{label} | " + " | ".join(f"{100 * g:+.1f} points" for g in gains) + " |"
         )
+        # every seed's samples against the base's on the same prompts and noise (Newcombe's paired interval, as the
+        # league pools them): it counts the samples' spread, not the training seeds'
+        cells = []
+        for name in sets:
+            new = [p for s in args.seeds for p in done[(run_name(variant, s), name)]["passed"]]
+            d = paired_difference(new, done[("base", name)]["passed"] * len(args.seeds))
+            cells.append(f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points")
+        lines.append(f"| paired gain over base, seeds pooled [95% CI]{label} | " + " | ".join(cells) + " |")
     others = [v for v in variants if v != "inversion_dpo"] if "inversion_dpo" in variants else []
     for variant in others:
         # paired on the same prompts and noise; the interval counts the samples' spread, not the training seeds'

@@ -1,4 +1,5 @@
-"""Samples a pipeline (optionally with a LoRA) on shapes-world prompts with fixed seeds and scores it.
+"""Samples an SD, SDXL or SD3 pipeline (optionally with a LoRA) on shapes-world prompts with fixed seeds and scores
+it.
 
 Groups: ``single`` (the 12 single-object prompts), ``heldout-2obj`` and ``train-2obj`` (a fixed random subset of
 ``--num_two_object`` prompts each, or all with 0). Image j of every prompt uses seed ``--seed + j``.
@@ -22,7 +23,7 @@ from shapes import sampling  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="models/shapes-sd-tiny", help="a StableDiffusionPipeline folder")
+    ap.add_argument("--model", default="models/shapes-sd-tiny", help="an SD, SDXL or SD3 pipeline folder")
     ap.add_argument("--lora", default=None, help="a folder of LoRA weights (pipe.load_lora_weights)")
     ap.add_argument("--num_images", type=int, default=4, help="samples per prompt")
     ap.add_argument("--num_two_object", type=int, default=48, help="two-object prompts per group (0: all)")
@@ -45,8 +46,9 @@ def main(argv=None):
     results = sampling.evaluate(
         pipe, groups, args.num_images, args.seed, args.steps, args.guidance, save_dir=args.save_dir
     )
+    sampler = "flow Euler" if sampling.is_flow_model(pipe) else "DDIM"  # SD3 keeps its own sampler
     print(
-        f"model {args.model} lora {args.lora} | DDIM {args.steps} steps, guidance {args.guidance}, "
+        f"model {args.model} lora {args.lora} | {sampler} {args.steps} steps, guidance {args.guidance}, "
         f"{args.num_images} images per prompt, seeds {args.seed}..{args.seed + args.num_images - 1}"
     )
     for r in results:

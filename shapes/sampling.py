@@ -1,5 +1,5 @@
 """Sampling and scoring a (shapes-world) Stable Diffusion pipeline with fixed seeds (``load_pipeline`` and ``sample``
-also serve ``evaluate.py`` for any SD or SDXL model).
+also serve ``evaluate.py`` for any SD, SDXL or SD3 model).
 
 ``sample`` draws K images per prompt: image j of every prompt starts from the noise of seed ``seed + j``
 (common random numbers: two models, or a model with and without a LoRA, are compared on the same noise).
@@ -24,8 +24,10 @@ DEFAULT_GUIDANCE = 5.0
 
 
 def load_pipeline(model_path: str, lora_path: Optional[str] = None, torch_dtype=None):
-    """An SD or SDXL pipeline from a folder or Hub id (no safety checker; safetensors only), with DDIM, optionally
-    with LoRA weights. A model or adapter that cannot be loaded is a one-line InputError naming it."""
+    """An SD, SDXL or SD3 pipeline from a folder or Hub id (no safety checker; safetensors only), optionally with
+    LoRA weights. SD and SDXL sample with DDIM; SD3, a flow model, keeps its own sampler (FlowMatchEulerDiscrete:
+    DDIM's noise schedule does not apply to it). A model or adapter that cannot be loaded is a one-line InputError
+    naming it."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     try:
@@ -36,11 +38,36 @@ def load_pipeline(model_path: str, lora_path: Optional[str] = None, torch_dtype=
         )
     except (OSError, ValueError) as e:
         raise InputError(f"could not load model '{model_path}': {first_line(e)}") from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow_model(pipe):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if lora_path:
         load_adapter(pipe, lora_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_flow_model(pipe) -> bool:
+    """An SD3-style pipeline: an MMDiT ``transformer`` sampled by rectified flow, instead of a DDPM ``unet``."""
+    return getattr(pipe, "transformer", None) is not None
+
+
+def denoiser(pipe):
+    """The pipeline's noise (or velocity) predictor: SD3's ``transformer`` or SD and SDXL's ``unet``."""
+    return pipe.transformer if is_flow_model(pipe) else pipe.unet
+
+
+# StableDiffusion3Pipeline's default max_sequence_length: T5 tokens per caption
+SD3_T5_TOKENS = 256
+
+
+def call_kwargs(pipe) -> dict:
+    """What a call of ``pipe`` needs beyond the prompt and the sampler's settings. SD3 with a T5 whose tokenizer
+    holds fewer than the pipeline's default 256 tokens (the shapes twin's 16) gets that many: the pipeline runs T5
+    without an attention mask, so pad tokens beyond those it was trained with would change every caption state."""
+    tokenizer = getattr(pipe, "tokenizer_3", None)
+    if tokenizer is not None and tokenizer.model_max_length < SD3_T5_TOKENS:
+        return {"max_sequence_length": tokenizer.model_max_length}
+    return {}
 
 
 def load_adapter(pipe, lora_path: str, adapter_name: Optional[str] = None):
@@ -66,7 +93,7 @@ def sample(
     of each prompt uses seed ``seed + j``."""
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
     out: List[List[Optional[Image.Image]]] = [[None] * num_images for _ in prompts]
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = size or denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         images = pipe(
@@ -77,6 +104,7 @@ def sample(
             height=size,
             width=size,
             output_type="pil",
+            **call_kwargs(pipe),
         ).images
         for (i, j), im in zip(chunk, images):
             out[i][j] = im

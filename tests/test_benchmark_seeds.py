@@ -42,6 +42,9 @@ def test_seeds_benchmark_trains_each_seed_and_tabulates_every_evaluation_set(tmp
     assert "train 2 x 1, seeds 20000-" in header
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert {"base", "seed 0", "seed 1", "mean gain over training seeds"} <= set(rows)
+    # the seeds' samples pooled against the base's, paired: the same mean gain, with its interval
+    gain = rows["mean gain over training seeds"].split(" | ")[1].removesuffix(" points")
+    assert rows["paired gain over base, seeds pooled [95% CI]"].split(" | ")[1].startswith(f"{gain} [")
     with open(out / "results.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 3 * 3  # base and two seeds, three sets each

@@ -103,6 +103,50 @@ def test_demo_on_the_sdxl_twin_trains_with_the_sdxl_script(tmp_path):
     assert json.loads((out / "results.json").read_text())["table"]["held-out two-object"]["aligned"]["n"] == 3
 
 
+def test_demo_on_the_sd3_twin_trains_with_the_sd3_script(tmp_path):
+    model = os.path.join(REPO, "models", "shapes-sd3-tiny")
+    out, proc = run_demo(tmp_path, "--model", model)
+    assert "accelerate launch train_inversion_dpo_sd3.py" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    flags = results["train_args"]
+    assert flags[flags.index("--max_sequence_length") + 1] == "16"  # as the twin was trained and is sampled
+    assert flags.count("--lora_target_modules") == 1
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(out))  # the stock SD3 loader takes the demo's adapter
+    lora = {name for name, _ in pipe.transformer.named_parameters() if "lora" in name}
+    assert any(".ff_context." in name for name in lora) and any(".add_q_proj." in name for name in lora)
+    assert results["table"]["held-out two-object"]["aligned"]["n"] == 3
+
+
+def test_the_demo_picks_the_trainer_of_the_model_architecture(tmp_path):
+    """From the folder's model_index.json: SD, SDXL and SD3 (with its LoRA modules and T5's caption length; without
+    T5, --no_t5)."""
+    from tests.tiny import save_tiny_sd3
+
+    demo = import_demo()
+    assert demo.trainer_for(os.path.join(REPO, "models", "shapes-sd-tiny")) == ("train_inversion_dpo.py", [])
+    assert demo.trainer_for(os.path.join(REPO, "models", "shapes-sdxl-tiny")) == ("train_inversion_dpo_sdxl.py", [])
+    script, flags = demo.trainer_for(save_tiny_sd3(str(tmp_path / "sd3")))
+    assert script == "train_inversion_dpo_sd3.py"
+    assert flags == ["--lora_target_modules", demo.SD3_LORA_TARGET_MODULES, "--max_sequence_length", "32"]
+    script, flags = demo.trainer_for(save_tiny_sd3(str(tmp_path / "no_t5"), t5=False))
+    assert script == "train_inversion_dpo_sd3.py" and flags[-1] == "--no_t5"
+    # the recipe names the LoRA modules once, the architecture's
+    script, recipe = demo.recipe_for(str(tmp_path / "sd3"))
+    assert recipe.count("--lora_target_modules") == 1
+    assert recipe[recipe.index("--lora_target_modules") + 1] == demo.SD3_LORA_TARGET_MODULES
+    assert (
+        recipe[: recipe.index("--lora_target_modules")]
+        == demo.TRAIN_ARGS[: demo.TRAIN_ARGS.index("--lora_target_modules")]
+    )
+    assert demo.recipe_for(os.path.join(REPO, "models", "shapes-sd-tiny")) == (
+        "train_inversion_dpo.py",
+        demo.TRAIN_ARGS,
+    )
+
+
 def import_demo():
     sys.path.insert(0, REPO)
     import demo
