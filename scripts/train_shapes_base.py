@@ -415,6 +415,36 @@ def ema_update(ema, model, decay):
             pe.lerp_(pm, 1 - decay)
 
 
+def stepper(name, model, ema_model, text_encoders, ema_text, params, opt, sched, args, log, save):
+    """The end of a phase-2 step, the same for the UNet and the transformer: the clipped update, the EMAs (warming
+    up as ``(1 + step) / (10 + step)``), the mean loss every ``--log_every`` steps and the EMA checkpoints."""
+    t0 = time.time()
+
+    def update(step, loss, running):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_model, model, decay)
+        for ema, te in zip(ema_text, text_encoders):
+            ema_update(ema, te, decay)
+        running += loss.item()
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t0
+            log(
+                f"{name} step {step}/{args.steps} loss {running / args.log_every:.4f} "
+                f"({el:.0f} s, {el / step:.3f} s/step)"
+            )
+            running = 0.0
+        if args.save_every and step % args.save_every == 0 and step != args.steps:
+            save(os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}"), ema_text, ema_model)
+        return running
+
+    return update
+
+
 def make_pipeline(vae, text_encoders, unet, tokenizer, scheduler, t5_tokenizer=None):
     """The pipeline of the architecture: SD (one text encoder), SDXL (two) or SD3 (three; ``unet`` is then the
     transformer)."""
@@ -559,7 +589,8 @@ def train_unet(unet, text_encoders, tokenizer, latents, captions, scheduler, arg
     g = torch.Generator().manual_seed(args.seed + 2)
     for m in [unet, *text_encoders]:
         m.train()
-    t0, running = time.time(), 0.0
+    update = stepper("unet", unet, ema_unet, text_encoders, ema_text, params, opt, sched, args, log, save)
+    running = 0.0
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(latents), (args.batch,), generator=g)
         x0 = latents[idx]
@@ -578,25 +609,7 @@ def train_unet(unet, text_encoders, tokenizer, latents, captions, scheduler, arg
             loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * weight).mean() / weight.mean()
         else:  # the plain loss, computed as the committed base was (bit-identical reruns)
             loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        for ema, te in zip(ema_text, text_encoders):
-            ema_update(ema, te, decay)
-        running += loss.item()
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - t0
-            log(
-                f"unet step {step}/{args.steps} loss {running / args.log_every:.4f} "
-                f"({el:.0f} s, {el / step:.3f} s/step)"
-            )
-            running = 0.0
-        if args.save_every and step % args.save_every == 0 and step != args.steps:
-            save(os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}"), ema_text, ema_unet)
+        running = update(step, loss, running)
     return ema_unet, ema_text
 
 
@@ -629,7 +642,10 @@ def train_transformer(transformer, text_encoders, encode, latents, captions, sch
     g = torch.Generator().manual_seed(args.seed + 2)
     for m in [transformer, *text_encoders]:
         m.train()
-    t0, running = time.time(), 0.0
+    update = stepper(
+        "transformer", transformer, ema_model, text_encoders, ema_text, params, opt, sched, args, log, save
+    )
+    running = 0.0
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(latents), (args.batch,), generator=g)
         x0 = latents[idx]
@@ -651,25 +667,7 @@ def train_transformer(transformer, text_encoders, encode, latents, captions, sch
             hidden_states=xs, timestep=timesteps[level], encoder_hidden_states=embeds, pooled_projections=pooled
         ).sample
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        ema_update(ema_model, transformer, decay)
-        for ema, te in zip(ema_text, text_encoders):
-            ema_update(ema, te, decay)
-        running += loss.item()
-        if step % args.log_every == 0 or step == args.steps:
-            el = time.time() - t0
-            log(
-                f"transformer step {step}/{args.steps} loss {running / args.log_every:.4f} "
-                f"({el:.0f} s, {el / step:.3f} s/step)"
-            )
-            running = 0.0
-        if args.save_every and step % args.save_every == 0 and step != args.steps:
-            save(os.path.join(args.output_dir.rstrip("/") + "-ckpt", f"step-{step}"), ema_text, ema_model)
+        running = update(step, loss, running)
     return ema_model, ema_text
 
 
