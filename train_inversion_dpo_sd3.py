@@ -2128,7 +2128,10 @@ def encode_latents(vae, pixel_values):
     winners then losers. Contiguous: the mean is a channel slice of the encoder's moments, and ``randn_like`` on a
     strided tensor draws in memory order, so the objectives' noise would otherwise differ from a cached run's."""
     images = torch.cat([pixel_values[:, 0], pixel_values[:, 1]]).to(vae.device, dtype=vae.dtype)
-    latents = vae.encode(images).latent_dist.mode()
+    # At most a megapixel a call: the encoder's activations for one 1024 px image in fp32 are ~2.5 GiB, the largest
+    # item of a checkpointed LoRA step at that size (benchmarks/memory_at_scale*.py); small images still go together.
+    per_call = max(1, 1024 * 1024 // (images.shape[-2] * images.shape[-1]))
+    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(per_call)])
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
 

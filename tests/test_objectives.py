@@ -696,3 +696,27 @@ def test_implied_noise_lands_on_z0_in_one_step_and_broadcasts_per_sample():
     a = a_t.reshape(-1, 1, 1, 1)
     noised = a.sqrt() * z0 + (1 - a).sqrt() * n
     torch.testing.assert_close(implied_noise(noised, z0, a_t), n, rtol=1e-4, atol=1e-4)
+
+
+def test_latents_of_large_images_are_encoded_a_megapixel_at_a_time():
+    """At 1024 px the VAE's activations are the largest item of a step, so each encoder call holds one image; the
+    latents are those of each image encoded alone, winners first, shifted and scaled as the pipelines do."""
+    from tests.tiny import tiny_vae
+    from train_inversion_dpo import encode_latents
+
+    torch.manual_seed(0)
+    vae = tiny_vae(16, shift_factor=0.1, scaling_factor=0.5, mid_block_add_attention=False).eval()
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    pairs = torch.rand(3, 2, 3, 512, 512) * 2 - 1  # 512 px: four images a call (no mid-block attention: slow on a CPU)
+    with torch.no_grad():
+        latents = encode_latents(vae, pairs)
+        alone = [encode(pairs[i % 3, i // 3][None]).latent_dist.mode() for i in range(6)]
+    assert calls == [4, 2]
+    torch.testing.assert_close(latents, (torch.cat(alone) - 0.1) * 0.5, rtol=1e-5, atol=1e-5)
+
+    calls.clear()
+    with torch.no_grad():
+        encode_latents(vae, torch.rand(16, 2, 3, 32, 32))
+    assert calls == [32]  # small images still go in one call
