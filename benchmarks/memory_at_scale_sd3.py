@@ -102,8 +102,10 @@ class ZeroTokenizer:
         return SimpleNamespace(input_ids=ids)
 
 
-def text_phase(t5: bool, max_sequence_length: int, dtype=torch.bfloat16) -> dict:
-    """Weights and peak of the text phase: the encoders embed one batch of captions (and the VAE waits)."""
+def text_phase(t5: bool, max_sequence_length: int, dtype=torch.bfloat16, offload_t5: bool = False) -> dict:
+    """Weights and peak of the text phase: the encoders embed one batch of captions (and the VAE waits). With
+    ``offload_t5`` (``--sequential_offload_t5``) T5's weights stay in CPU memory and the device holds one of its
+    layers at a time: its largest module's own weights (the token embedding) are counted instead of all of them."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
@@ -121,7 +123,13 @@ def text_phase(t5: bool, max_sequence_length: int, dtype=torch.bfloat16) -> dict
     tokenizers = [ZeroTokenizer(77), ZeroTokenizer(77), ZeroTokenizer(max_sequence_length) if t5 else None]
     with torch.no_grad(), PeakTensorMemory() as peak:
         encode_prompt(["a caption"] * TEXT_BATCH, tokenizers, encoders, max_sequence_length, 4096)
-    return {"weights": sum(nbytes(e) for e in encoders) + nbytes(vae), "peak": peak.peak,
+    weights = sum(nbytes(e) for e in encoders[:2]) + nbytes(vae)
+    if offload_t5:
+        weights += max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                       for m in encoders[2].modules())  # fmt: skip
+    else:
+        weights += sum(nbytes(e) for e in encoders[2:])
+    return {"weights": weights, "peak": peak.peak,
             "params": {type(e).__name__ + str(i): params(e) for i, e in enumerate(encoders)}}  # fmt: skip
 
 
@@ -197,11 +205,14 @@ def main():
     started = time.time()
     seq = {"max_sequence_length": args.max_sequence_length}
     texts = {t5: text_phase(t5, args.max_sequence_length) for t5 in (True, False)}
-    print("| text phase | encoder weights + VAE | peak of a 16-caption batch | total |")
+    names = {"CLIP-L + CLIP-G + T5-XXL": texts[True],
+             "the same, --sequential_offload_t5": text_phase(True, args.max_sequence_length, offload_t5=True),
+             "CLIP-L + CLIP-G (--no_t5)": texts[False]}  # fmt: skip
+    print("| text phase | encoder weights + VAE on the device | peak of a 16-caption batch | total |")
     print("|---|---|---|---|")
-    for t5, m in texts.items():
-        print(f"| {'CLIP-L + CLIP-G + T5-XXL' if t5 else 'CLIP-L + CLIP-G (--no_t5)'} | {m['weights'] / GiB:.2f} GiB | "
-              f"{m['peak'] / GiB:.2f} GiB | {(m['weights'] + m['peak']) / GiB:.2f} GiB |")  # fmt: skip
+    for name, m in names.items():
+        print(f"| {name} | {m['weights'] / GiB:.2f} GiB | {m['peak'] / GiB:.2f} GiB | "
+              f"{(m['weights'] + m['peak']) / GiB:.2f} GiB |")  # fmt: skip
     inv = {**seq, "objective": "inversion_dpo"}
     rows = [  # (objective, its flags, from the cache, gradient checkpointing)
         ("Flow-DPO (diffusion_dpo)", {**seq, "objective": "diffusion_dpo"}, False, True),

@@ -216,3 +216,42 @@ def test_the_caption_table_is_on_disk_and_reads_back_what_was_written(monkeypatc
     del table, text
     gc.collect()
     assert not os.path.exists(folder)  # the files go with the table
+
+
+def test_t5_offloaded_layer_by_layer_embeds_the_same_captions(tiny_sd3_dir, monkeypatch):
+    """--sequential_offload_t5 keeps T5's weights off the device while the table is built (they are meta tensors
+    there, each layer's brought in for its own forward) and writes the same embeddings."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    import train_inversion_dpo_sd3 as trainer
+
+    captions = ["a red circle", "a blue square above a green triangle"]
+    pairs = SimpleNamespace(
+        columns=SimpleNamespace(caption="caption"), dataset=Dataset.from_dict({"caption": captions})
+    )
+    devices, encode = [], trainer.encode_prompt
+
+    def spy(prompts, tokenizers, encoders, *rest):
+        devices.append({p.device.type for p in encoders[2].parameters()})
+        return encode(prompts, tokenizers, encoders, *rest)
+
+    monkeypatch.setattr(trainer, "encode_prompt", spy)
+
+    def table(*flags):
+        devices.clear()
+        base = ["--pretrained_model_name_or_path", tiny_sd3_dir, "--dataset_name", "d", "--resolution", "32"]
+        args = trainer.parse_args([*base, "--max_sequence_length", "16", *flags])
+        text = trainer.load_text_encoders(pairs, torch.nn.Linear(1, 1), args, "cpu", torch.float32)
+        return {c: text.table.get(c) for c in ["", *captions]}
+
+    plain = table()
+    assert devices and all(d == {"cpu"} for d in devices)
+    offloaded = table("--sequential_offload_t5")
+    assert devices and all(d == {"meta"} for d in devices)
+    for caption, (embeds, pooled) in plain.items():
+        assert torch.equal(offloaded[caption][0], embeds) and torch.equal(offloaded[caption][1], pooled)
+    with pytest.raises(trainer.InputError, match="--no_t5"):
+        trainer.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--no_t5",
+                            "--sequential_offload_t5"])  # fmt: skip
