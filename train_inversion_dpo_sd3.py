@@ -2092,6 +2092,14 @@ def load_diffusion_models(args, device, weight_dtype):
     else:
         vae = load_component(AutoencoderKL, model, "vae", revision=revision, variant=variant)
     transformer = load_component(SD3Transformer2DModel, model, "transformer", revision=revision, variant=variant)
+    # the transformer's position embedding is cropped from a pos_embed_max_size square: larger latents fail mid-step
+    pixels_per_patch = 2 ** (len(vae.config.block_out_channels) - 1) * transformer.config.patch_size
+    most = transformer.config.pos_embed_max_size
+    if most and args.resolution // pixels_per_patch > most:
+        raise InputError(
+            f"--resolution {args.resolution} is {args.resolution // pixels_per_patch} patches a side, more than the "
+            f"transformer's pos_embed_max_size {most}: at most {most * pixels_per_patch} px for this model"
+        )
     for frozen in (vae, transformer):
         frozen.requires_grad_(False)
     vae.to(device, dtype=torch.float32 if vae.config.force_upcast else weight_dtype)

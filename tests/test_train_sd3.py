@@ -255,3 +255,12 @@ def test_t5_offloaded_layer_by_layer_embeds_the_same_captions(tiny_sd3_dir, monk
     with pytest.raises(trainer.InputError, match="--no_t5"):
         trainer.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--no_t5",
                             "--sequential_offload_t5"])  # fmt: skip
+
+
+def test_a_resolution_beyond_the_position_embedding_is_refused_before_training(tiny_sd3_dir):
+    import train_inversion_dpo_sd3 as trainer
+
+    base = ["--pretrained_model_name_or_path", tiny_sd3_dir, "--dataset_name", "d"]
+    trainer.load_diffusion_models(trainer.parse_args([*base, "--resolution", "128"]), "cpu", torch.float32)
+    with pytest.raises(trainer.InputError, match="pos_embed_max_size 32: at most 128 px"):
+        trainer.load_diffusion_models(trainer.parse_args([*base, "--resolution", "144"]), "cpu", torch.float32)
