@@ -142,15 +142,12 @@ def t5_word_tokenizer(max_length=16):
 SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim of the SDXL variant (SDXL's own is 256)
 
 
-def build_models(tokenizer, args):
-    """(text encoders, unet, vae, scheduler). SD: one CLIPTextModel. SDXL: a CLIPTextModel and a
-    CLIPTextModelWithProjection whose penultimate hidden states go side by side into cross-attention, and the
-    ``text_time`` added conditioning (6 time ids and the second encoder's pooled projection), as in SDXL."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def clip_config(tokenizer, args, projection: bool):
+    """Every twin's CLIP text encoder: ``--text_dim`` wide, ``--text_layers`` deep, over the word-level vocabulary;
+    with ``projection`` the pooled projection of CLIPTextModelWithProjection (SDXL's second encoder, SD3's two)."""
+    from transformers import CLIPTextConfig
 
-    sdxl = args.architecture == "sdxl"
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=args.text_dim,
         intermediate_size=2 * args.text_dim,
@@ -160,8 +157,36 @@ def build_models(tokenizer, args):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **({"projection_dim": args.text_dim} if sdxl else {}),
+        **({"projection_dim": args.text_dim} if projection else {}),
     )
+
+
+def twin_vae(args):
+    """Every twin's VAE: ``--vae_channels`` per level (each level halves the size), 4 latent channels, 32 px images."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=tuple(args.vae_channels),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_models(tokenizer, args):
+    """(text encoders, unet, vae, scheduler). SD: one CLIPTextModel. SDXL: a CLIPTextModel and a
+    CLIPTextModelWithProjection whose penultimate hidden states go side by side into cross-attention, and the
+    ``text_time`` added conditioning (6 time ids and the second encoder's pooled projection), as in SDXL."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    sdxl = args.architecture == "sdxl"
+    config = clip_config(tokenizer, args, projection=sdxl)
     text_encoders = [CLIPTextModel(config)] + ([CLIPTextModelWithProjection(config)] if sdxl else [])
     xl = {}
     if sdxl:
@@ -188,17 +213,7 @@ def build_models(tokenizer, args):
         norm_num_groups=8,
         **xl,
     )
-    vae = AutoencoderKL(
-        block_out_channels=tuple(args.vae_channels),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = twin_vae(args)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -228,21 +243,10 @@ def build_sd3_models(tokenizer, t5_tokenizer, args):
     as T5-XXL) twice a CLIP encoder's width, as T5-XXL's 4096 is at least CLIP-L's 768 + CLIP-G's 1280; an MMDiT
     with patch 2, RMS-normed queries and keys and the second, image-only attention in ``--dual_attention_layers``;
     the VAE of the other twins (its shift and scale are set after phase 1); the flow-matching Euler scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    clip = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.text_dim,
-        intermediate_size=2 * args.text_dim,
-        num_attention_heads=4,
-        num_hidden_layers=args.text_layers,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        projection_dim=args.text_dim,
-    )
+    clip = clip_config(tokenizer, args, projection=True)
     t5_dim = 2 * args.text_dim
     t5 = T5Config(
         vocab_size=len(t5_tokenizer),
@@ -274,17 +278,7 @@ def build_sd3_models(tokenizer, t5_tokenizer, args):
         dual_attention_layers=tuple(args.dual_attention_layers),
         qk_norm="rms_norm",
     )
-    vae = AutoencoderKL(
-        block_out_channels=tuple(args.vae_channels),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    vae = twin_vae(args)
     return text_encoders, transformer, vae, FlowMatchEulerDiscreteScheduler(shift=SD3_SHIFT)
 
 
