@@ -129,21 +129,35 @@ def conditioning(spec, texts, dtype):
     return cond, null
 
 
+def training_step_peak(trainer, args, policy, reference, z0, cond, null, cfg, cached, channels, size) -> int:
+    """Peak bytes of one pair's training step through ``trainer``'s (a training script's module) objectives, as its
+    loop runs them: uncached, the objective of ``args.objective`` on the clean latents ``z0``; from the cache, the
+    policy side on a batch as the cache reads it ([K, 2, channels, size, size] inputs and targets, float16 on disk)."""
+    from benchmarks.memory import PeakTensorMemory
+
+    with PeakTensorMemory() as step:
+        if cached:
+            K = args.inversion_steps
+            x = torch.zeros(K, 2, channels, size, size, device="meta")
+            steps = torch.zeros(K, 2, dtype=torch.long, device="meta")
+            ref = trainer.InversionSteps(
+                steps, x.half().float(), x.half().float(), torch.zeros(K, 2, device="meta"), None
+            )
+            out = trainer.inversion_policy(policy, ref, cond, cfg)
+        else:
+            out = trainer.OBJECTIVES[args.objective](policy, reference, z0, cond, null, cfg)
+        for term in out.backward_terms():  # as the trainer's loop: the loss, or the two-pass chunks in turn
+            term().mean().backward()
+    return step.peak
+
+
 def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=torch.float16, rank=8):
     """Peak bytes of the encoding and of the UNet part of one training step of one pair; LoRA and weight sizes."""
     from diffusers import DDIMScheduler
 
+    import train_inversion_dpo as trainer
     from benchmarks.memory import PeakTensorMemory
-    from train_inversion_dpo import (
-        OBJECTIVES,
-        InversionSteps,
-        add_lora,
-        encode_latents,
-        inversion_policy,
-        make_denoisers,
-        objective_config,
-        parse_args,
-    )
+    from train_inversion_dpo import add_lora, encode_latents, make_denoisers, objective_config, parse_args
 
     unet, vae, texts = build(spec, dtype)
     # the trainer's own flags and defaults, with this row's settings
@@ -166,19 +180,10 @@ def step_memory(spec, objective_flags, gradient_checkpointing, cached, dtype=tor
         images = torch.zeros(1, 2, 3, spec["resolution"], spec["resolution"], device="meta")
         z0 = None if cached else encode_latents(vae, images)
         cond, null = conditioning(spec, texts, dtype)
-    with PeakTensorMemory() as step:
-        if cached:  # the batch as read from the cache: [K, 2, 4, h, w] inputs and targets, float16 on disk
-            K, x = args.inversion_steps, torch.zeros(args.inversion_steps, 2, 4, size, size, device="meta")
-            steps = torch.zeros(K, 2, dtype=torch.long, device="meta")
-            ref = InversionSteps(steps, x.half().float(), x.half().float(), torch.zeros(K, 2, device="meta"), None)
-            out = inversion_policy(policy, ref, cond, cfg)
-        else:
-            out = OBJECTIVES[args.objective](policy, reference, z0, cond, null, cfg)
-        for term in out.backward_terms():  # as the trainer's loop: the loss, or the two-pass chunks in turn
-            term().mean().backward()
+    step = training_step_peak(trainer, args, policy, reference, z0, cond, null, cfg, cached, channels=4, size=size)
     return {
         "encode": 0 if cached else encoding.peak,
-        "step": step.peak,
+        "step": step,
         "lora": lora,
         "unet": nbytes(unet),
         "others": nbytes(vae) + sum(nbytes(t) for t in texts),

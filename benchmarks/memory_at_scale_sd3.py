@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.memory_at_scale import efficient_attention  # noqa: E402
+from benchmarks.memory_at_scale import efficient_attention, training_step_peak  # noqa: E402
 
 
 GiB = 2**30
@@ -137,17 +137,9 @@ def training_phase(config, flags, gradient_checkpointing, cached, dtype=torch.bf
     """Weights and peak of one training step of one pair (batch 1) through the trainer's code."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
+    import train_inversion_dpo_sd3 as trainer
     from benchmarks.memory import PeakTensorMemory
-    from train_inversion_dpo_sd3 import (
-        OBJECTIVES,
-        InversionSteps,
-        add_lora,
-        encode_latents,
-        inversion_policy,
-        make_denoisers,
-        objective_config,
-        parse_args,
-    )
+    from train_inversion_dpo_sd3 import add_lora, encode_latents, make_denoisers, objective_config, parse_args
 
     args = parse_args(["--pretrained_model_name_or_path", "-", "--dataset_name", "-"])
     args.rank, args.gradient_checkpointing = rank, gradient_checkpointing
@@ -172,20 +164,10 @@ def training_phase(config, flags, gradient_checkpointing, cached, dtype=torch.bf
         z0 = None
         if not cached:
             z0 = encode_latents(vae, torch.zeros(1, 2, 3, RESOLUTION, RESOLUTION, device="meta"))
-    with PeakTensorMemory() as step:
-        if cached:  # the batch as read from the cache: [K, 2, 16, h, w] inputs and targets, float16 on disk
-            K = args.inversion_steps
-            x = torch.zeros(K, 2, 16, size, size, device="meta")
-            steps = torch.zeros(K, 2, dtype=torch.long, device="meta")
-            ref = InversionSteps(steps, x.half().float(), x.half().float(), torch.zeros(K, 2, device="meta"), None)
-            out = inversion_policy(policy, ref, cond, cfg)
-        else:
-            out = OBJECTIVES[args.objective](policy, reference, z0, cond, null, cfg)
-        for term in out.backward_terms():  # as the trainer's loop: the loss, or the two-pass chunks in turn
-            term().mean().backward()
+    step = training_step_peak(trainer, args, policy, reference, z0, cond, null, cfg, cached, channels=16, size=size)
     return {
         "encode": encoding.peak,
-        "step": step.peak,
+        "step": step,
         "lora": lora,
         "transformer": nbytes(transformer),
         "transformer_params": params(transformer) - lora,
