@@ -409,6 +409,19 @@ def ema_update(ema, model, decay):
             pe.lerp_(pm, 1 - decay)
 
 
+def optimizer_and_emas(model, text_encoders, args):
+    """Phase 2's training state, the same for the UNet and the transformer: the trained parameters (the model's, and
+    the text encoders' that require grad), AdamW with a linear ``--warmup``, and frozen EMA copies of the model and
+    of every text encoder."""
+    params = list(model.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
+    ema_model, ema_text = copy.deepcopy(model).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
+    for m in [ema_model, *ema_text]:
+        m.requires_grad_(False)
+    return params, opt, sched, ema_model, ema_text
+
+
 def stepper(name, model, ema_model, text_encoders, ema_text, params, opt, sched, args, log, save):
     """The end of a phase-2 step, the same for the UNet and the transformer: the clipped update, the EMAs (warming
     up as ``(1 + step) / (10 + step)``), the mean loss every ``--log_every`` steps and the EMA checkpoints."""
@@ -573,12 +586,7 @@ def train_unet(unet, text_encoders, tokenizer, latents, captions, scheduler, arg
     tok = tokenizer(captions, padding="max_length", max_length=args.max_length, truncation=True, return_tensors="pt")
     ids = tok.input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=args.max_length, return_tensors="pt").input_ids
-    params = list(unet.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
-    for m in [ema_unet, *ema_text]:
-        m.requires_grad_(False)
+    params, opt, sched, ema_unet, ema_text = optimizer_and_emas(unet, text_encoders, args)
     acp = scheduler.alphas_cumprod
     g = torch.Generator().manual_seed(args.seed + 2)
     for m in [unet, *text_encoders]:
@@ -618,12 +626,7 @@ def train_transformer(transformer, text_encoders, encode, latents, captions, sch
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     trained_text = any(p.requires_grad for te in text_encoders for p in te.parameters())
-    params = list(transformer.parameters()) + [p for te in text_encoders for p in te.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
-    ema_model, ema_text = copy.deepcopy(transformer).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
-    for m in [ema_model, *ema_text]:
-        m.requires_grad_(False)
+    params, opt, sched, ema_model, ema_text = optimizer_and_emas(transformer, text_encoders, args)
     table = None
     if not trained_text:
         distinct = sorted(set(captions) | {""})
